@@ -69,7 +69,7 @@ class Gaussian(Likelihood):
         self.sigma = float(sigma)
 
     def log_prob(self, x, params):
-        return _per_image(D.Normal(params, self.sigma).log_prob(x))
+        return _per_image(D.Normal(params, self.sigma, validate_args=False).log_prob(x))
 
     def mean(self, params):
         return params
@@ -85,7 +85,7 @@ class GaussianLearned(Likelihood):
         self.log_sigma = nn.Parameter(torch.tensor(float(init_log_sigma)))
 
     def log_prob(self, x, params):
-        return _per_image(D.Normal(params, self.log_sigma.exp()).log_prob(x))
+        return _per_image(D.Normal(params, self.log_sigma.exp(), validate_args=False).log_prob(x))
 
     def mean(self, params):
         return params
@@ -120,7 +120,7 @@ class Laplace(Likelihood):
         self.scale = float(scale)
 
     def log_prob(self, x, params):
-        return _per_image(D.Laplace(params, self.scale).log_prob(x))
+        return _per_image(D.Laplace(params, self.scale, validate_args=False).log_prob(x))
 
     def mean(self, params):
         return params

@@ -1,0 +1,68 @@
+# vae-study: `make help` lists every target. Variables a user may override are below.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PROFILE      ?= default
+STUDY        ?=
+DEVICE       ?= auto
+JOBS         ?= 1
+STORAGE      ?= sqlite:///$(CURDIR)/mlruns/optuna.db
+TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
+HOST         ?= 127.0.0.1
+PORT         ?=
+PYTHON       ?= python3
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA_STAMP := data/.verified
+STORES := --storage '$(STORAGE)' --tracking-uri '$(TRACKING_URI)'
+
+help: ## list targets and variables
+	@echo "vae-study targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "variables: PROFILE=$(PROFILE) STUDY=$(STUDY) DEVICE=$(DEVICE) JOBS=$(JOBS) HOST=$(HOST) PORT=$(PORT)"
+	@echo "           STORAGE=$(STORAGE)"
+	@echo "           TRACKING_URI=$(TRACKING_URI)"
+
+setup: $(STAMP) ## create .venv and install vae-study (reruns only when pyproject.toml changes)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 || $(VENV)/bin/pip install -q torch torchvision
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+data: setup ## fetch MNIST and Fashion-MNIST into data/ and verify their SHA-256
+	$(PY) -m study.data --root data
+
+study: setup data ## run the default study suite for PROFILE (or STUDY=name), then build the reports
+	$(PY) -m study.runner run $(STORES) --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY))
+	$(MAKE) --no-print-directory report
+
+worker: setup data ## join a running study on a shared STORAGE / TRACKING_URI (STUDY=name required)
+	$(PY) -m study.runner run --worker $(STORES) --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY))
+
+report: setup ## build reports/ (index, loss choice, KL dynamics) from the MLflow runs
+	$(PY) -m analysis.report --tracking-uri '$(TRACKING_URI)' --out reports
+
+ui: setup ## serve the MLflow UI on HOST:PORT (default 127.0.0.1:5000)
+	$(PY) -m study.runner ui --tracking-uri '$(TRACKING_URI)' --host $(HOST) --port $(or $(PORT),5000)
+
+dashboard: setup ## serve optuna-dashboard over STORAGE on HOST:PORT (default 127.0.0.1:8080)
+	$(PY) -m study.runner dashboard --storage '$(STORAGE)' --host $(HOST) --port $(or $(PORT),8080)
+
+test: setup data ## run every test (pytest)
+	$(PY) -m pytest -q -rs --durations=15
+
+bench: setup data ## measure training speed against the DataLoader baseline -> reports/bench.json
+	$(PY) -m study.bench --out reports/bench.json --device $(DEVICE)
+
+lint: setup ## ruff check
+	$(VENV)/bin/ruff check study analysis tests
+
+clean: ## remove generated reports and the MLflow/Optuna stores (keeps data/ and .venv)
+	rm -rf reports mlruns/* test-artifacts
+	touch mlruns/.gitkeep
+
+.PHONY: help setup data study worker report ui dashboard test bench lint clean

@@ -1,0 +1,185 @@
+"""A small CNN classifier per dataset whose hidden features give the Frechet distance of
+generated samples; trained once on the official train split and cached under the data folder.
+
+The cache file `<data_root>/classifiers/<dataset>-<hash>.pt` holds a state_dict plus metadata
+(test accuracy, settings) and loads with `torch.load(path, weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from study.data import dataset_digest, load_splits
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the trained weights; its hash names the cache file."""
+
+    channels: tuple[int, int] = (16, 32)
+    """Output channels of the two 3x3 conv layers (each followed by 2x2 max-pooling)."""
+    feature_dim: int = 128
+    """Width of the hidden fully connected layer whose activations are the features."""
+    epochs: int = 3
+    """Passes over the 60,000 official training images."""
+    batch_size: int = 128
+    """Images per Adam step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    seed: int = 0
+    """Seeds the initialization and the shuffling."""
+    eval_batch_size: int = 1000
+    """Images per batch when computing features or accuracy (memory bound, not a statistic)."""
+
+
+DEFAULT_SETTINGS = Settings()
+POOL = 2
+"""Each conv layer is followed by POOL x POOL max-pooling."""
+
+
+class SmallCNN(nn.Module):
+    """conv-relu-pool, conv-relu-pool, a hidden FC layer (the features), a linear head."""
+
+    def __init__(self, image_shape, n_classes: int, settings: Settings):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, h, w = self.image_shape
+        c1, c2 = settings.channels
+        flat = c2 * (h // POOL // POOL) * (w // POOL // POOL)
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(POOL),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(POOL),
+            nn.Flatten(), nn.Linear(flat, settings.feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(settings.feature_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits, (B, n_classes), for grey images (B, C, H, W) in [0, 1]."""
+        return self.head(self.body(x))
+
+
+@dataclass
+class Classifier:
+    """A trained SmallCNN with its own test accuracy (on the full official test split)."""
+
+    net: SmallCNN
+    test_accuracy: float
+    path: Path
+    trained: bool
+    """True when this call trained it, False when it came from the cache file."""
+    settings: Settings = DEFAULT_SETTINGS
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Hidden-layer activations (N, feature_dim), one row per image, in batches."""
+        self.net.eval()
+        size = self.settings.eval_batch_size
+        return torch.cat([self.net.body(images[i:i + size]) for i in range(0, len(images), size)])
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Fraction of images whose arg-max class equals the label, over all images."""
+        return _accuracy(self.net, images, labels, self.settings.eval_batch_size)
+
+
+def _accuracy(net: nn.Module, images, labels, batch_size: int) -> float:
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            correct += int((net(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+    return correct / len(images)
+
+
+def cache_path(dataset: str, root, settings: Settings = DEFAULT_SETTINGS) -> Path:
+    """`<root>/classifiers/<dataset>-<hash of settings and dataset digest>.pt`."""
+    key = json.dumps({"settings": asdict(settings), "data": dataset_digest(dataset)}, sort_keys=True)
+    short = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(root) / "classifiers" / f"{dataset}-{short}.pt"
+
+
+def train_classifier(dataset: str, root, settings: Settings = DEFAULT_SETTINGS,
+                     device: str = "cpu") -> tuple[SmallCNN, float]:
+    """Fit a SmallCNN on all 60,000 official training images (grey) with Adam and mean
+    cross-entropy over each batch; return it with its accuracy on the official test split.
+
+    Seeded by `settings.seed` without touching the caller's global RNG; uses the torch
+    thread count as inherited.
+    """
+    splits = load_splits(dataset, root, device=device)
+    # load_splits carves a validation set from the official train split: take both back.
+    x = torch.cat([splits.train.grey(), splits.val.grey()])
+    y = torch.cat([splits.train.labels, splits.val.labels])
+    n_classes = int(y.max()) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        net = SmallCNN(splits.image_shape, n_classes, settings)
+    net = net.to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed)
+    for _ in range(settings.epochs):
+        net.train()
+        perm = torch.randperm(len(x), generator=gen).to(device)
+        for i in range(0, len(x), settings.batch_size):
+            idx = perm[i:i + settings.batch_size]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    accuracy = _accuracy(net, splits.test.grey(), splits.test.labels, settings.eval_batch_size)
+    return net.eval(), accuracy
+
+
+_LOADED: dict[tuple[str, str], Classifier] = {}
+"""In-process cache keyed by (cache file, device): a study loads each classifier once."""
+
+
+def get_classifier(dataset: str, root, device: str = "cpu",
+                   settings: Settings = DEFAULT_SETTINGS) -> Classifier:
+    """The dataset's classifier: from memory, else from the cache file, else trained and saved.
+
+    Several processes may ask at once: an exclusive lock on `<file>.lock` lets one train
+    while the others wait, and the file is written under a temporary name and renamed, so
+    no reader ever sees a partial file.
+    """
+    path = cache_path(dataset, root, settings)
+    key = (str(path), str(device))
+    if key in _LOADED:
+        return _LOADED[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        trained = not path.exists()
+        if trained:
+            start = time.perf_counter()
+            net, accuracy = train_classifier(dataset, root, settings, device)
+            payload = {
+                "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+                "image_shape": list(net.image_shape),
+                "n_classes": net.head.out_features,
+                "test_accuracy": accuracy,
+                "settings": asdict(settings),
+                "dataset": dataset,
+                "dataset_digest": dataset_digest(dataset),
+                "train_seconds": time.perf_counter() - start,
+            }
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+    payload = torch.load(path, map_location=device, weights_only=True)
+    net = SmallCNN(payload["image_shape"], payload["n_classes"], settings).to(device)
+    net.load_state_dict(payload["state_dict"])
+    classifier = Classifier(net.eval(), float(payload["test_accuracy"]), path, trained, settings)
+    _LOADED[key] = classifier
+    return classifier
+

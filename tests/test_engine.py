@@ -1,0 +1,308 @@
+"""The engine against known values: KL, likelihoods, schedules, free bits, the IWAE bound,
+active units; and real training on a data subset (loss falls, seeds reproduce, NaN stops)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import distributions as D
+
+from study.config import Config, burda_epochs
+from study.likelihoods import (
+    ContinuousBernoulli,
+    Gaussian,
+    bernoulli_entropy_floor,
+    make_likelihood,
+)
+from study.model import build_model
+from study.objective import (
+    active_units,
+    beta_at,
+    elbo_terms,
+    free_bits_kl,
+    gaussian_kl,
+    importance_weighted_bound,
+)
+from study.train import Callback, NonFiniteLoss, lr_at, train
+
+SHAPE = (1, 28, 28)
+D_PIX = 784
+
+
+def _batch(seed=0, b=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, *SHAPE, generator=g)
+    params = torch.randn(b, *SHAPE, generator=g)
+    return x, params
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    mu, logvar = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    q = D.Normal(mu, (0.5 * logvar).exp())
+    p = D.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    torch.testing.assert_close(gaussian_kl(mu, logvar), D.kl_divergence(q, p))
+    # a known value: mu = 1, sigma = 1 -> 1/2 nat
+    assert float(gaussian_kl(torch.tensor([1.0]), torch.tensor([0.0]))) == pytest.approx(0.5)
+
+
+def test_bernoulli_is_summed_bce():
+    x, logits = _batch()
+    lik = make_likelihood(Config(likelihood="bernoulli"))
+    expected = -torch.stack(
+        [F.binary_cross_entropy_with_logits(logits[i], x[i], reduction="sum") for i in range(6)]
+    )
+    torch.testing.assert_close(lik.log_prob(x, logits), expected)
+    binary = (x > 0.5).float()
+    torch.testing.assert_close(
+        lik.log_prob(binary, logits), D.Bernoulli(logits=logits).log_prob(binary).flatten(1).sum(1)
+    )
+
+
+def test_gaussian_half_variance_is_sse_plus_constant():
+    x, mu = _batch()
+    lik = make_likelihood(Config(likelihood="gaussian"))  # default sigma^2 = 1/2
+    sse = (x - mu).square().flatten(1).sum(1)
+    torch.testing.assert_close(lik.log_prob(x, mu), -sse - D_PIX / 2 * math.log(math.pi))
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 2.0])
+def test_gaussian_closed_form(sigma):
+    x, mu = _batch(2)
+    sse = (x - mu).square().flatten(1).sum(1)
+    expected = -sse / (2 * sigma**2) - D_PIX * math.log(sigma) - D_PIX / 2 * math.log(2 * math.pi)
+    torch.testing.assert_close(Gaussian(sigma).log_prob(x, mu), expected)
+
+
+def test_gaussian_learned_uses_its_sigma():
+    x, mu = _batch(3)
+    lik = make_likelihood(Config(likelihood="gaussian_learned", init_log_sigma=math.log(0.3)))
+    torch.testing.assert_close(lik.log_prob(x, mu), Gaussian(0.3).log_prob(x, mu))
+    assert lik.logged()["sigma"] == pytest.approx(0.3)
+    assert sum(p.numel() for p in lik.parameters()) == 1
+
+
+def test_laplace_closed_form():
+    x, mu = _batch(4)
+    lik = make_likelihood(Config(likelihood="laplace", laplace_scale=0.25))
+    l1 = (x - mu).abs().flatten(1).sum(1)
+    torch.testing.assert_close(lik.log_prob(x, mu), -l1 / 0.25 - D_PIX * math.log(0.5))
+
+
+def _cb_log_normalizer(lam):
+    """log C(lam) = log(2 artanh(1 - 2 lam) / (1 - 2 lam)), Loaiza-Ganem & Cunningham 2019."""
+    return math.log(2 * math.atanh(1 - 2 * lam) / (1 - 2 * lam))
+
+
+@pytest.mark.parametrize("lam", [0.05, 0.3, 0.45, 0.7, 0.99])
+def test_continuous_bernoulli_closed_form(lam):
+    x = torch.tensor([[0.0, 0.2, 0.5, 1.0]])
+    logits = torch.full_like(x, math.log(lam / (1 - lam)))
+    expected = sum(
+        xi * math.log(lam) + (1 - xi) * math.log(1 - lam) + _cb_log_normalizer(lam)
+        for xi in x[0].tolist()
+    )
+    got = ContinuousBernoulli().log_prob(x, logits)
+    assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
+def test_continuous_bernoulli_normalizer_near_half():
+    x = torch.zeros(1, 1)
+    at_half = ContinuousBernoulli().log_prob(x, torch.zeros(1, 1))  # lam = 1/2: log p(0) = log(1/2) + log 2
+    assert float(at_half) == pytest.approx(0.0, abs=1e-5)
+    for eps in (1e-7, 1e-4, 1e-3):
+        logits = torch.tensor([[math.log((0.5 + eps) / (0.5 - eps))]])
+        value = float(ContinuousBernoulli().log_prob(x, logits))
+        assert math.isfinite(value)
+        expected = math.log(0.5 - eps) + _cb_log_normalizer(0.5 + eps) if eps >= 1e-4 else 0.0
+        assert value == pytest.approx(expected, abs=1e-3)
+    # its mean is the distribution's mean, not lambda: for lam = 0.8 it is below 0.8
+    lam = 0.8
+    mean = float(ContinuousBernoulli().mean(torch.tensor([math.log(lam / (1 - lam))])))
+    closed = lam / (2 * lam - 1) + 1 / (2 * math.atanh(1 - 2 * lam))
+    assert mean == pytest.approx(closed, rel=1e-5) and mean < lam
+
+
+def test_bernoulli_entropy_floor_is_bce_minimum():
+    x = torch.tensor([[0.0, 0.25, 0.5, 1.0]])
+    floor = float(bernoulli_entropy_floor(x))
+    expected = 2 * 0 + (-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))) + math.log(2)
+    assert floor == pytest.approx(expected, rel=1e-5)
+    logits = torch.logit(x.clamp(1e-6, 1 - 1e-6))
+    bce = -float(make_likelihood(Config()).log_prob(x, logits))
+    assert bce == pytest.approx(floor, abs=1e-4)
+
+
+def test_unknown_likelihood_is_named():
+    with pytest.raises(ValueError, match="unknown likelihood 'mse'"):
+        make_likelihood(Config(likelihood="mse"))
+    assert "likelihood = 'mse' is not one of" in Config(likelihood="mse").validate()[0]
+
+
+@pytest.mark.parametrize(
+    "config, step, expected",
+    [
+        (Config(beta=2.0), 500, 2.0),
+        (Config(beta=2.0, beta_schedule="linear", warmup=100), 0, 0.0),
+        (Config(beta=2.0, beta_schedule="linear", warmup=100), 25, 0.5),
+        (Config(beta=2.0, beta_schedule="linear", warmup=100), 100, 2.0),
+        (Config(beta=2.0, beta_schedule="linear", warmup=100), 1000, 2.0),
+        # warm-up counted in epochs of 50 steps: step 75 is epoch 1.5 of 3
+        (Config(beta=1.0, beta_schedule="linear", warmup=3, schedule_unit="epoch"), 75, 0.5),
+        # 4 cycles over 10 epochs of 100 steps: period 250 steps, rising for 125
+        (Config(beta=1.0, beta_schedule="cyclical", epochs=10), 0, 0.0),
+        (Config(beta=1.0, beta_schedule="cyclical", epochs=10), 50, 0.4),
+        (Config(beta=1.0, beta_schedule="cyclical", epochs=10), 125, 1.0),
+        (Config(beta=1.0, beta_schedule="cyclical", epochs=10), 200, 1.0),
+        (Config(beta=1.0, beta_schedule="cyclical", epochs=10), 250, 0.0),
+        (Config(beta=1.0, beta_schedule="cyclical", epochs=10), 300, 0.4),
+    ],
+)
+def test_beta_schedules(config, step, expected):
+    steps_per_epoch = 50 if config.schedule_unit == "epoch" else 100
+    assert beta_at(config, step, steps_per_epoch) == pytest.approx(expected)
+
+
+def test_free_bits_floor_each_dimension():
+    kl_dim = torch.tensor([[0.1, 2.0, 0.0], [0.3, 4.0, 0.0]])  # batch means 0.2, 3.0, 0.0
+    assert float(free_bits_kl(kl_dim, 0.0)) == pytest.approx(3.2)
+    assert float(free_bits_kl(kl_dim, 0.5)) == pytest.approx(0.5 + 3.0 + 0.5)
+
+
+def test_burda_lr_schedule():
+    config = Config(lr=1e-3, lr_schedule="burda")
+    assert burda_epochs(8) == 3280
+    assert lr_at(config, 0) == pytest.approx(1e-3)
+    assert lr_at(config, 1) == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    assert lr_at(config, 3) == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    assert lr_at(config, 4) == pytest.approx(1e-3 * 10 ** (-2 / 7))
+    assert lr_at(config, 3279) == pytest.approx(1e-3 * 10 ** (-7 / 7))
+
+
+def _small_model(seed=0, likelihood="bernoulli"):
+    config = Config(latent_dim=4, hidden=(32,), likelihood=likelihood)
+    torch.manual_seed(seed)
+    return build_model(config, SHAPE), make_likelihood(config)
+
+
+def test_iwae_bound_k1_is_elbo_and_k50_not_below():
+    model, lik = _small_model()
+    x = (torch.rand(64, *SHAPE, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    with torch.no_grad():
+        terms = elbo_terms(model, lik, x, generator=torch.Generator().manual_seed(5))
+        bound1 = importance_weighted_bound(model, lik, x, k=1, generator=torch.Generator().manual_seed(5))
+    # same noise: the k = 1 bound is -(recon + kl) up to the analytic vs sampled KL;
+    # averaged over many draws they agree
+    many = torch.stack([
+        importance_weighted_bound(model, lik, x, k=1, generator=torch.Generator().manual_seed(s))
+        for s in range(200)
+    ]).mean()
+    assert float(-many) == pytest.approx(float(terms["nelbo"]), rel=2e-3)
+    assert bound1.shape == (64,)
+    bound50 = importance_weighted_bound(model, lik, x, k=50, chunk=7,
+                                        generator=torch.Generator().manual_seed(6))
+    assert float(bound50.mean()) >= float(many) - 1e-3
+    # chunking does not change the estimate's expectation: one chunk vs many chunks agree closely
+    bound50_one_chunk = importance_weighted_bound(model, lik, x, k=50, chunk=50,
+                                                  generator=torch.Generator().manual_seed(6))
+    assert float(bound50.mean()) == pytest.approx(float(bound50_one_chunk.mean()), rel=2e-3)
+
+
+def test_elbo_terms_reductions():
+    model, lik = _small_model(likelihood="gaussian")
+    x = torch.rand(10, *SHAPE, generator=torch.Generator().manual_seed(1))
+    terms = elbo_terms(model, lik, x, beta=3.0, generator=torch.Generator().manual_seed(2))
+    mu, logvar = model.encode(x)
+    kl = gaussian_kl(mu, logvar)
+    torch.testing.assert_close(terms["kl"], kl.sum(1).mean())  # summed over dims, mean over images
+    torch.testing.assert_close(terms["kl_dim"], kl.mean(0))
+    torch.testing.assert_close(terms["nelbo"], terms["recon"] + terms["kl"])
+    torch.testing.assert_close(terms["loss"], terms["recon"] + 3.0 * terms["kl"])
+    # recon: -log p summed over pixels (~ SSE + D/2 log pi), averaged over images
+    assert float(terms["recon"].detach()) > D_PIX / 2 * math.log(math.pi)
+
+
+def test_iwae_training_objective_is_bound():
+    model, lik = _small_model()
+    x = (torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    with torch.no_grad():
+        vae = torch.stack([elbo_terms(model, lik, x, generator=torch.Generator().manual_seed(s))["loss"]
+                           for s in range(30)]).mean()
+        iwae = torch.stack([elbo_terms(model, lik, x, iw_samples=20,
+                                       generator=torch.Generator().manual_seed(s))["loss"]
+                            for s in range(30)]).mean()
+    assert float(iwae) <= float(vae) + 1e-3
+
+
+def test_active_units_constructed():
+    g = torch.Generator().manual_seed(0)
+    means = torch.zeros(1000, 5)
+    means[:, 0] = torch.randn(1000, generator=g)  # var ~ 1: active
+    means[:, 1] = 0.2 * torch.randn(1000, generator=g)  # var ~ 0.04: active
+    means[:, 2] = 0.05 * torch.randn(1000, generator=g)  # var ~ 0.0025: inactive
+    means[:, 3] = 3.0  # constant: inactive
+    assert active_units(means) == 2
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+def test_models_any_latent_dim(architecture):
+    for z in (1, 3):
+        config = Config(architecture=architecture, latent_dim=z, hidden=(16, 8))
+        model = build_model(config, SHAPE)
+        x = torch.rand(2, *SHAPE)
+        mu, logvar = model.encode(x)
+        assert mu.shape == logvar.shape == (2, z)
+        assert model.decode(model.sample(mu, logvar, k=3)).shape == (3, 2, *SHAPE)
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.steps, self.epochs = [], []
+
+    def on_step(self, step, metrics):
+        self.steps.append((step, metrics))
+
+    def on_epoch(self, epoch, metrics):
+        self.epochs.append((epoch, metrics))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "continuous_bernoulli"])
+def test_training_reduces_nelbo(tiny_config, likelihood):
+    config = tiny_config.replace(likelihood=likelihood, epochs=3, test_iw_k=5)
+    rec = Recorder()
+    result = train(config, [rec], evaluate_at_end=False)
+    nelbo = [m["val/nelbo"] for _, m in rec.epochs]
+    assert [e for e, _ in rec.epochs] == [1, 2, 3]
+    assert nelbo[-1] < nelbo[0]
+    assert rec.steps and rec.steps[0][0] == config.step_log_every
+    assert all(math.isfinite(m["train/kl"]) for _, m in rec.steps)
+    final = result.final
+    assert final["train/nelbo"] == pytest.approx(final["train/recon"] + final["train/kl"])
+    kl_dims = [v for k, v in final.items() if k.startswith("val/kl_dim_")]
+    assert len(kl_dims) == config.latent_dim
+    assert sum(kl_dims) == pytest.approx(final["val/kl"], rel=1e-4)
+
+
+def test_same_seed_same_metrics(tiny_config):
+    config = tiny_config.replace(epochs=1, train_subset=1000, test_iw_k=10, test_subset=100)
+    a = train(config)
+    b = train(config)
+    c = train(config.replace(seed=1))
+    assert _same_but_time(a.history, b.history)
+    assert a.test == b.test
+    assert a.test["nelbo"] != c.test["nelbo"]
+    assert {"recon", "kl", "nelbo", "iwae_nll", "active_units", "sse"} <= set(a.test)
+
+
+def _same_but_time(h1, h2):
+    strip = [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in h1]
+    return strip == [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in h2]
+
+
+def test_non_finite_loss_names_epoch_and_step(tiny_config):
+    config = tiny_config.replace(lr=10.0, likelihood="gaussian_learned", epochs=3)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch \d+ step \d+"):
+        train(config, evaluate_at_end=False)
