@@ -29,6 +29,9 @@ class NonFiniteLoss(RuntimeError):
 class Callback:
     """Hooks the loop calls; override what you need. Raising stops training (e.g. pruning)."""
 
+    def on_train_start(self, model: VAE, likelihood: Likelihood, splits: Splits) -> None:
+        """Once, after the model is built and before the first step."""
+
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         """First epoch only, every `config.step_log_every` steps (global step, 1-based)."""
 
@@ -120,6 +123,8 @@ def train(
     bs = config.batch_size
     steps_per_epoch = math.ceil(n / bs)
     result = TrainResult(config, model, likelihood, device=device)
+    for cb in callbacks:
+        cb.on_train_start(model, likelihood, splits)
     t_start = time.perf_counter()
     global_step = 0
     for epoch in range(config.epochs):
