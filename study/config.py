@@ -44,7 +44,7 @@ class Config:
 
     # --- likelihood p(x|z)
     likelihood: str = "bernoulli"
-    """Decoder distribution: bernoulli (BCE), gaussian (MSE), gaussian_learned, continuous_bernoulli, laplace."""
+    """Decoder p(x|z): bernoulli (BCE), gaussian (MSE), gaussian_learned, continuous_bernoulli, laplace."""
     sigma: float = math.sqrt(0.5)
     """Fixed Gaussian std; sigma^2 = 1/2 makes -log p exactly SSE + (D/2) log(pi)."""
     laplace_scale: float = 1.0

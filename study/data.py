@@ -234,8 +234,8 @@ def fetch(dataset: str, root: Path = DEFAULT_ROOT, sources=None, log=print) -> N
 class Split:
     """One split resident on the device: uint8 images (N, C, H, W) and int64 labels."""
 
-    images: "torch.Tensor"  # noqa: F821
-    labels: "torch.Tensor"  # noqa: F821
+    images: torch.Tensor  # noqa: F821
+    labels: torch.Tensor  # noqa: F821
     binarize: str = "none"
     seed: int = 0
 

@@ -20,7 +20,7 @@ ACTIVATIONS = {
 def mlp(widths: list[int], activation: str) -> nn.Sequential:
     """Linear layers between consecutive widths, the activation after every one but the last."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(ACTIVATIONS[activation]())

@@ -89,6 +89,85 @@ def _splits_for(config: Config, device: str) -> Splits:
     )
 
 
+class Trainer:
+    """The model, likelihood, optimizer and noise of one run, advanced an epoch at a time.
+
+    `train` drives it; the benchmark alternates its epochs with a baseline's.
+    """
+
+    def __init__(self, config: Config, splits: Splits | None = None):
+        problems = config.validate()
+        if problems:
+            raise UsageError("invalid config: " + "; ".join(problems))
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.splits = splits if splits is not None else _splits_for(config, self.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, self.splits.image_shape).to(self.device)
+        self.likelihood = make_likelihood(config).to(self.device)
+        params = list(self.model.parameters()) + list(self.likelihood.parameters())
+        self.optimizer = torch.optim.Adam(
+            params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+            foreach=self.device != "cpu" or None,
+        )
+        self.step_fn = _compiled_step(self.model, self.likelihood, config)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.steps_per_epoch = math.ceil(len(self.splits.train) / config.batch_size)
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+
+    def run_epoch(self) -> tuple[dict[str, float], torch.Tensor, list[float]]:
+        """Train one epoch. Returns the epoch's train metrics, the per-step (loss, recon, kl,
+        batch size) on the CPU, and the beta of every step. Raises NonFiniteLoss."""
+        config, bs, n = self.config, self.config.batch_size, len(self.splits.train)
+        t_epoch = time.perf_counter()
+        lr = lr_at(config, self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x_all = self.splits.train.served(self.epoch)
+        perm = torch.randperm(n, device=self.device, generator=self.generator)
+        stats = torch.empty(self.steps_per_epoch, 4, device=self.device)
+        betas = [beta_at(config, self.global_step + i, self.steps_per_epoch)
+                 for i in range(self.steps_per_epoch)]
+        for i in range(self.steps_per_epoch):
+            x = x_all[perm[i * bs:(i + 1) * bs]]
+            terms = self.step_fn(x, betas[i], self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            self.optimizer.step()
+            stats[i, 0] = terms["loss"].detach()
+            stats[i, 1] = terms["recon"].detach()
+            stats[i, 2] = terms["kl"].detach()
+            stats[i, 3] = x.shape[0]
+        stats = stats.cpu()  # the epoch's one synchronization
+        bad = (~torch.isfinite(stats[:, :3])).any(1).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteLoss(
+                f"non-finite loss at epoch {self.epoch + 1} step {self.global_step + i + 1} "
+                f"(step {i + 1} of the epoch; lr {lr:g}, beta {betas[i]:g})"
+            )
+        w = stats[:, 3] / stats[:, 3].sum()  # the last batch may be smaller
+        loss, recon, kl = (float((stats[:, j] * w).sum()) for j in range(3))
+        self.epoch += 1
+        self.global_step += self.steps_per_epoch
+        metrics = {
+            "train/loss": loss, "train/recon": recon, "train/kl": kl, "train/nelbo": recon + kl,
+            "beta": betas[-1], "lr": lr, "epoch_seconds": time.perf_counter() - t_epoch,
+        }
+        return metrics, stats, betas
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (val/*) and learned likelihood quantities (likelihood/*)."""
+        val = evaluate_elbo(self.model, self.likelihood, self.splits.val, self.config,
+                            seed=self.config.seed + 7)
+        out = {f"val/{k}": v for k, v in val.items()}
+        out.update({f"likelihood/{k}": v for k, v in self.likelihood.logged().items()})
+        return out
+
+
 def train(
     config: Config,
     callbacks: list[Callback] | tuple = (),
@@ -98,84 +177,28 @@ def train(
     """Train a VAE as `config` says; validate each epoch; evaluate the test split at the end.
 
     Deterministic for a seed on the CPU. Raises NonFiniteLoss naming the epoch and step.
+    `epoch_seconds` times the training steps only, not validation.
     """
-    problems = config.validate()
-    if problems:
-        raise UsageError("invalid config: " + "; ".join(problems))
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    if splits is None:
-        splits = _splits_for(config, device)
-
-    torch.manual_seed(config.seed)
-    model = build_model(config, splits.image_shape).to(device)
-    likelihood = make_likelihood(config).to(device)
-    params = list(model.parameters()) + list(likelihood.parameters())
-    optimizer = torch.optim.Adam(
-        params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
-        foreach=device != "cpu" or None,
-    )
-    step_fn = _compiled_step(model, likelihood, config)
-    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-
-    n = len(splits.train)
-    bs = config.batch_size
-    steps_per_epoch = math.ceil(n / bs)
-    result = TrainResult(config, model, likelihood, device=device)
+    trainer = Trainer(config, splits)
+    result = TrainResult(config, trainer.model, trainer.likelihood, device=trainer.device)
     for cb in callbacks:
-        cb.on_train_start(model, likelihood, splits)
+        cb.on_train_start(trainer.model, trainer.likelihood, trainer.splits)
     t_start = time.perf_counter()
-    global_step = 0
-    for epoch in range(config.epochs):
-        t_epoch = time.perf_counter()
-        lr = lr_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x_all = splits.train.served(epoch)
-        perm = torch.randperm(n, device=device, generator=gen)
-        stats = torch.empty(steps_per_epoch, 4, device=device)  # loss, recon, kl, batch size
-        betas = [beta_at(config, global_step + i, steps_per_epoch) for i in range(steps_per_epoch)]
-        for i in range(steps_per_epoch):
-            x = x_all[perm[i * bs:(i + 1) * bs]]
-            terms = step_fn(x, betas[i], gen)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            stats[i, 0] = terms["loss"].detach()
-            stats[i, 1] = terms["recon"].detach()
-            stats[i, 2] = terms["kl"].detach()
-            stats[i, 3] = x.shape[0]
-        stats = stats.cpu()
-        bad = (~torch.isfinite(stats[:, :3])).any(1).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            raise NonFiniteLoss(
-                f"non-finite loss at epoch {epoch + 1} step {global_step + i + 1} "
-                f"(step {i + 1} of the epoch; lr {lr:g}, beta {betas[i]:g})"
-            )
-        if epoch == 0:
-            for i in range(config.step_log_every - 1, steps_per_epoch, config.step_log_every):
+    for _ in range(config.epochs):
+        metrics, stats, betas = trainer.run_epoch()
+        if trainer.epoch == 1:  # the early KL transient, every few steps of the first epoch
+            for i in range(config.step_log_every - 1, trainer.steps_per_epoch,
+                           config.step_log_every):
                 for cb in callbacks:
                     cb.on_step(i + 1, {"train/recon": float(stats[i, 1]),
                                        "train/kl": float(stats[i, 2]), "beta": betas[i]})
-        global_step += steps_per_epoch
-        w = stats[:, 3] / stats[:, 3].sum()
-        loss, recon, kl = (float((stats[:, j] * w).sum()) for j in range(3))
-        train_seconds = time.perf_counter() - t_epoch
-        metrics = {
-            "train/loss": loss, "train/recon": recon, "train/kl": kl, "train/nelbo": recon + kl,
-            "beta": betas[-1], "lr": lr, "epoch_seconds": train_seconds,
-        }
-        val = evaluate_elbo(model, likelihood, splits.val, config, seed=config.seed + 7)
-        metrics.update({f"val/{k}": v for k, v in val.items()})
-        metrics.update({f"likelihood/{k}": v for k, v in likelihood.logged().items()})
+        metrics.update(trainer.validate())
         result.history.append(metrics)
         for cb in callbacks:
-            cb.on_epoch(epoch + 1, metrics)
+            cb.on_epoch(trainer.epoch, metrics)
     result.seconds = time.perf_counter() - t_start
     if evaluate_at_end:
-        result.test = evaluate_test(model, likelihood, splits, config)
+        result.test = evaluate_test(trainer.model, trainer.likelihood, trainer.splits, config)
     return result
 
 
