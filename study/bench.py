@@ -1,0 +1,278 @@
+"""`make bench`: this project's training loop against a baseline written the way the PyTorch
+VAE example works, measured in the same process, alternated, as ratios.
+
+Reference configuration: 784-400-20 MLP, `bernoulli` on grey MNIST, batch 128, Adam 1e-3.
+Writes reports/bench.json and prints a table. `--quick` runs a few iterations on a subset so
+`make test` keeps it working; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from study.config import Config
+from study.data import Split, Splits, load_splits
+from study.evaluate import evaluate_elbo, evaluate_iwae
+from study.model import build_model
+from study.train import Trainer, resolve_device, train
+
+
+def machine(device: str) -> dict:
+    """CPU model and threads, or the GPU's name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
+    """Dense fp32 matmul throughput, GFLOP/s (2 n^3 flops per product), best of `repeats`."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+class ExampleBaseline:
+    """The PyTorch example's loop: torchvision MNIST + ToTensor, a shuffling DataLoader,
+    sigmoid outputs and `binary_cross_entropy(..., reduction='sum')` + the summed KL, the
+    loss summed over the batch. Same model class and hyperparameters as ours."""
+
+    def __init__(self, config: Config, device: str, subset: int | None):
+        import torchvision
+        from torch.utils.data import DataLoader, Subset
+
+        dataset = torchvision.datasets.MNIST(
+            config.data_root, train=True, download=False,
+            transform=torchvision.transforms.ToTensor(),
+        )
+        if subset is not None:
+            dataset = Subset(dataset, range(subset))
+        self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                 generator=torch.Generator().manual_seed(config.seed))
+        self.device = device
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, (1, 28, 28)).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+
+    def run_epoch(self) -> None:
+        self.model.train()
+        for data, _ in self.loader:
+            data = data.to(self.device)
+            mu, logvar = self.model.encode(data)
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+            recon = torch.sigmoid(self.model.decode(z))
+            bce = F.binary_cross_entropy(recon, data, reduction="sum")
+            kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            loss = bce + kld
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+
+
+def full_train_splits(config: Config, device: str, subset: int | None) -> Splits:
+    """All official training images (as the example trains), the test split for evaluation."""
+    base = load_splits("mnist", config.data_root, device=device, val_size=1, seed=config.seed)
+    import torchvision
+
+    ds = torchvision.datasets.MNIST(config.data_root, train=True, download=False)
+    images, labels = ds.data.unsqueeze(1), ds.targets.long()
+    if subset is not None:
+        images, labels = images[:subset], labels[:subset]
+    train_split = Split(images.to(device), labels.to(device), seed=config.seed)
+    return Splits(train=train_split, val=base.test, test=base.test, dataset="mnist")
+
+
+def training_flops_per_image(trainer: Trainer) -> float:
+    """Matmul flops of one training step (forward + backward) per image, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = trainer.splits.train.served(0)[: trainer.config.batch_size]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        terms = trainer.step_fn(x, 1.0, trainer.generator)
+        terms["loss"].backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def tracking_overhead(config: Config, splits: Splits) -> dict:
+    """Percent of training time spent in the studies' MLflow logging (a real sqlite store)."""
+    from study.tracking import Tracker, TrialLogger
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db")
+        run_id = tracker.start_run(tracker.experiment_id("bench"), "bench/tracking", tags={})
+        logger = TrialLogger(tracker, run_id)
+        result = train(config, [logger], splits=splits, evaluate_at_end=False)
+        tracker.end_run(run_id, "FINISHED")
+    train_seconds = sum(m["epoch_seconds"] for m in result.history)
+    return {"tracking_seconds": logger.seconds, "train_seconds": train_seconds,
+            "tracking_overhead_pct": 100 * logger.seconds / train_seconds}
+
+
+def _scaling_worker(args) -> int:
+    config, trials, threads = args
+    torch.set_num_threads(threads)
+    splits = load_splits(config.dataset, config.data_root, val_size=config.val_size,
+                         seed=config.seed, train_subset=config.train_subset,
+                         test_subset=config.test_subset)
+    for t in range(trials):
+        train(config.replace(seed=t), splits=splits, evaluate_at_end=False)
+    return trials
+
+
+def trials_per_hour(config: Config, jobs: int, trials: int) -> float:
+    """Trials per hour with `jobs` worker processes of one thread each (jobs = 1: all cores)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs == 1 else 1
+    ctx = mp.get_context("spawn")
+    t = time.perf_counter()
+    with ctx.Pool(jobs) as pool:
+        done = sum(pool.map(_scaling_worker, [(config, trials // jobs, threads)] * jobs))
+    return done / (time.perf_counter() - t) * 3600
+
+
+def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
+    device = resolve_device(device)
+    subset = 2048 if quick else None
+    config = Config(dataset="mnist", likelihood="bernoulli", hidden=(400,), latent_dim=20,
+                    batch_size=128, lr=1e-3, device=device, data_root=data_root,
+                    eval_batch_size=1000)
+    splits = full_train_splits(config, device, subset)
+    ours = Trainer(config, splits)
+    base = ExampleBaseline(config, device, subset)
+    n = len(splits.train)
+    flops_per_image = training_flops_per_image(ours)
+    peak = matmul_peak_gflops(device, n=512 if quick else 2048, repeats=3 if quick else 10)
+
+    measured = 1 if quick else epochs
+    times = {"ours": [], "baseline": []}
+    for rep in range(1 + measured):  # the first epoch of each warms up, not counted
+        for name, runner in (("ours", ours), ("baseline", base)):
+            _sync(device)
+            t = time.perf_counter()
+            runner.run_epoch()
+            _sync(device)
+            if rep > 0:
+                times[name].append(time.perf_counter() - t)
+    sec = {k: statistics.median(v) for k, v in times.items()}
+    test_ours = evaluate_elbo(ours.model, ours.likelihood, splits.test, config, seed=1)["nelbo"]
+    test_base = evaluate_elbo(base.model, ours.likelihood, splits.test, config, seed=1)["nelbo"]
+    achieved = flops_per_image * n / sec["ours"] / 1e9
+
+    iw_images, iw_k = (20, 50) if quick else (500, 1000)
+    t = time.perf_counter()
+    evaluate_iwae(ours.model, ours.likelihood, splits.test, k=iw_k, images=iw_images)
+    iw_rate = iw_images / (time.perf_counter() - t)
+
+    track_cfg = config.replace(epochs=1, train_subset=None)
+    overhead = tracking_overhead(track_cfg, splits)
+
+    scale_cfg = config.replace(epochs=1, train_subset=1024 if quick else 10_000,
+                               val_size=500, device="cpu", threads=None)
+    scale_trials = 2 if quick else 8
+    scaling = {f"jobs_{j}": trials_per_hour(scale_cfg, j, scale_trials) for j in (1, 2)}
+
+    return {
+        "quick": quick,
+        "machine": machine(device),
+        "config": "784-400-20 MLP, bernoulli, grey MNIST, batch 128, Adam 1e-3",
+        "train_images": n,
+        "epochs_measured": measured,
+        "seconds_per_epoch": sec,
+        "images_per_second": {k: n / v for k, v in sec.items()},
+        "speedup_vs_baseline": sec["baseline"] / sec["ours"],
+        "training_gflop_per_image": flops_per_image / 1e9,
+        "achieved_gflops": achieved,
+        "matmul_peak_gflops": peak,
+        "fraction_of_peak": achieved / peak,
+        "test_nelbo": {"ours": test_ours, "baseline": test_base,
+                       "epochs_each": 1 + measured},
+        "test_nelbo_gap": abs(test_ours - test_base),
+        "tracking": overhead,
+        "iwae_eval": {"k": iw_k, "images": iw_images, "images_per_second": iw_rate},
+        "trials_per_hour": scaling,
+        "scaling_trial": f"1 epoch on {scale_cfg.train_subset} images, no test evaluation",
+    }
+
+
+def table(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        f"machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
+        f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}",
+        f"config: {r['config']}; {r['train_images']} training images; median of "
+        f"{r['epochs_measured']} alternated epochs after a warm-up",
+        f"{'':24s}{'ours':>12s}{'baseline':>12s}",
+        f"{'seconds / epoch':24s}{r['seconds_per_epoch']['ours']:12.2f}"
+        f"{r['seconds_per_epoch']['baseline']:12.2f}",
+        f"{'images / second':24s}{r['images_per_second']['ours']:12.0f}"
+        f"{r['images_per_second']['baseline']:12.0f}",
+        f"{'test nelbo (nats/img)':24s}{r['test_nelbo']['ours']:12.2f}"
+        f"{r['test_nelbo']['baseline']:12.2f}",
+        f"speed-up: {r['speedup_vs_baseline']:.2f}x; test nelbo gap {r['test_nelbo_gap']:.2f} nats",
+        f"achieved {r['achieved_gflops']:.1f} GFLOP/s of a measured {r['matmul_peak_gflops']:.1f} "
+        f"GFLOP/s matmul peak ({100 * r['fraction_of_peak']:.0f}%)",
+        f"MLflow tracking overhead: {r['tracking']['tracking_overhead_pct']:.2f}% of training time",
+        f"IWAE evaluation, k = {r['iwae_eval']['k']}: "
+        f"{r['iwae_eval']['images_per_second']:.1f} images/s",
+        f"trials per hour ({r['scaling_trial']}): JOBS=1 {r['trials_per_hour']['jobs_1']:.0f}, "
+        f"JOBS=2 {r['trials_per_hour']['jobs_2']:.0f}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="reports/bench.json", help="where to write the JSON")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--epochs", type=int, default=3, help="measured epochs of each loop")
+    parser.add_argument("--quick", action="store_true", help="a few iterations (tests)")
+    args = parser.parse_args(argv)
+    result = run(args.quick, args.device, args.data_root, args.epochs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""`make bench` in its quick mode, so it cannot rot: every figure present, finite, positive.
+Speed itself is measured by `make bench`, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _numbers(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{prefix}{k}.")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield prefix.rstrip("."), tree
+
+
+def test_bench_quick_writes_every_figure(data_root, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "study.bench", "--quick", "--device", "cpu",
+         "--data-root", str(data_root), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for key in ("seconds_per_epoch", "images_per_second", "speedup_vs_baseline",
+                "achieved_gflops", "matmul_peak_gflops", "fraction_of_peak", "test_nelbo",
+                "tracking", "iwae_eval", "trials_per_hour", "machine"):
+        assert key in result, key
+    numbers = dict(_numbers(result))
+    for key in ("seconds_per_epoch.ours", "seconds_per_epoch.baseline",
+                "images_per_second.ours", "matmul_peak_gflops", "achieved_gflops",
+                "test_nelbo.ours", "test_nelbo.baseline", "tracking.tracking_overhead_pct",
+                "iwae_eval.images_per_second", "trials_per_hour.jobs_1", "trials_per_hour.jobs_2"):
+        assert math.isfinite(numbers[key]) and numbers[key] > 0, (key, numbers[key])
+    # the flop count is the model's: 784-400-20 forward + backward is ~3.3 MFLOP per image
+    assert 2.5e-3 < result["training_gflop_per_image"] < 4e-3
+    assert "speed-up" in proc.stdout and "MLflow tracking overhead" in proc.stdout
