@@ -176,9 +176,12 @@ def test_burda_lr_schedule():
     config = Config(lr=1e-3, lr_schedule="burda")
     assert burda_epochs(8) == 3280
     assert lr_at(config, 0) == pytest.approx(1e-3)
-    assert lr_at(config, 1) == pytest.approx(1e-3 * 10 ** (-1 / 7))
-    assert lr_at(config, 3) == pytest.approx(1e-3 * 10 ** (-1 / 7))
-    assert lr_at(config, 4) == pytest.approx(1e-3 * 10 ** (-2 / 7))
+    # the authors' code rounds 10^(1 - i/7) to one decimal: 7.2, 5.2, ..., 1.0 (x 1e-4)
+    assert lr_at(config, 1) == pytest.approx(7.2e-4)
+    assert lr_at(config, 3) == pytest.approx(7.2e-4)
+    assert lr_at(config, 4) == pytest.approx(5.2e-4)
+    assert lr_at(config, 13) == pytest.approx(3.7e-4)
+    assert lr_at(config, 3279) == pytest.approx(1e-4)
     assert lr_at(config, 3279) == pytest.approx(1e-3 * 10 ** (-7 / 7))
 
 
