@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,45 +28,58 @@ class Settings:
     """Everything that decides the trained weights; its hash names the cache file."""
 
     channels: tuple[int, int] = (16, 32)
-    """Output channels of the two 3x3 conv layers (each followed by 2x2 max-pooling)."""
+    """Output channels of the two 5x5 stride-2 conv layers."""
     feature_dim: int = 128
     """Width of the hidden fully connected layer whose activations are the features."""
-    epochs: int = 3
+    epochs: int = 4
     """Passes over the 60,000 official training images."""
     batch_size: int = 128
     """Images per Adam step."""
-    lr: float = 1e-3
-    """Adam learning rate."""
+    lr: float = 2e-3
+    """Starting Adam learning rate, cosine-annealed to 0 over all steps."""
     seed: int = 0
     """Seeds the initialization and the shuffling."""
-    eval_batch_size: int = 1000
-    """Images per batch when computing features or accuracy (memory bound, not a statistic)."""
+    version: int = 2
+    """Bump whenever SmallCNN or the training loop changes, so old cache files are not reused."""
 
 
 DEFAULT_SETTINGS = Settings()
-POOL = 2
-"""Each conv layer is followed by POOL x POOL max-pooling."""
+EVAL_BATCH = 1000
+"""Images per batch when computing features or accuracy (memory bound, not a statistic)."""
+KERNEL, STRIDE = 5, 2
+"""Strided 5x5 convolutions halve H and W: on 2 CPU cores a third of the cost of
+same-size convolutions followed by max-pooling, at the same accuracy."""
 
 
 class SmallCNN(nn.Module):
-    """conv-relu-pool, conv-relu-pool, a hidden FC layer (the features), a linear head."""
+    """Two strided conv-relu layers, a hidden FC layer, then relu and a linear head.
+
+    The features are the hidden layer's pre-activations: after the ReLU about a third of the
+    units are zero on every image, which would make the feature covariance singular.
+    """
 
     def __init__(self, image_shape, n_classes: int, settings: Settings):
         super().__init__()
         self.image_shape = tuple(image_shape)
         c, h, w = self.image_shape
         c1, c2 = settings.channels
-        flat = c2 * (h // POOL // POOL) * (w // POOL // POOL)
+        pad = KERNEL // 2  # with stride 2: H -> ceil(H / 2)
+        flat = c2 * _halved(_halved(h)) * _halved(_halved(w))
         self.body = nn.Sequential(
-            nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(POOL),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(POOL),
-            nn.Flatten(), nn.Linear(flat, settings.feature_dim), nn.ReLU(),
+            nn.Conv2d(c, c1, KERNEL, stride=STRIDE, padding=pad), nn.ReLU(),
+            nn.Conv2d(c1, c2, KERNEL, stride=STRIDE, padding=pad), nn.ReLU(),
+            nn.Flatten(), nn.Linear(flat, settings.feature_dim),
         )
-        self.head = nn.Linear(settings.feature_dim, n_classes)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(settings.feature_dim, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits, (B, n_classes), for grey images (B, C, H, W) in [0, 1]."""
         return self.head(self.body(x))
+
+
+def _halved(size: int) -> int:
+    """Output size of one strided conv layer with `KERNEL // 2` padding."""
+    return (size - 1) // STRIDE + 1
 
 
 @dataclass
@@ -76,28 +90,24 @@ class Classifier:
     test_accuracy: float
     path: Path
     trained: bool
-    """True when this call trained it, False when it came from the cache file."""
+    """True when this process trained it, False when it came from the cache file."""
     settings: Settings = DEFAULT_SETTINGS
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Hidden-layer activations (N, feature_dim), one row per image, in batches."""
+        """Hidden-layer pre-activations (N, feature_dim), one row per grey image, in batches."""
         self.net.eval()
-        size = self.settings.eval_batch_size
-        return torch.cat([self.net.body(images[i:i + size]) for i in range(0, len(images), size)])
-
-    @torch.no_grad()
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Fraction of images whose arg-max class equals the label, over all images."""
-        return _accuracy(self.net, images, labels, self.settings.eval_batch_size)
+        return torch.cat([self.net.body(images[i:i + EVAL_BATCH])
+                          for i in range(0, len(images), EVAL_BATCH)])
 
 
-def _accuracy(net: nn.Module, images, labels, batch_size: int) -> float:
+@torch.no_grad()
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of images whose arg-max logit equals the label, over all images."""
     net.eval()
     correct = 0
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            correct += int((net(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+    for i in range(0, len(images), EVAL_BATCH):
+        correct += int((net(images[i:i + EVAL_BATCH]).argmax(1) == labels[i:i + EVAL_BATCH]).sum())
     return correct / len(images)
 
 
@@ -110,8 +120,9 @@ def cache_path(dataset: str, root, settings: Settings = DEFAULT_SETTINGS) -> Pat
 
 def train_classifier(dataset: str, root, settings: Settings = DEFAULT_SETTINGS,
                      device: str = "cpu") -> tuple[SmallCNN, float]:
-    """Fit a SmallCNN on all 60,000 official training images (grey) with Adam and mean
-    cross-entropy over each batch; return it with its accuracy on the official test split.
+    """Fit a SmallCNN on all 60,000 official training images (grey) with Adam, a cosine
+    learning-rate decay and the cross-entropy averaged over each batch; return it with its
+    accuracy on the official test split.
 
     Seeded by `settings.seed` without touching the caller's global RNG; uses the torch
     thread count as inherited.
@@ -126,6 +137,8 @@ def train_classifier(dataset: str, root, settings: Settings = DEFAULT_SETTINGS,
         net = SmallCNN(splits.image_shape, n_classes, settings)
     net = net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    steps = settings.epochs * math.ceil(len(x) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     gen = torch.Generator().manual_seed(settings.seed)
     for _ in range(settings.epochs):
         net.train()
@@ -136,8 +149,8 @@ def train_classifier(dataset: str, root, settings: Settings = DEFAULT_SETTINGS,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    accuracy = _accuracy(net, splits.test.grey(), splits.test.labels, settings.eval_batch_size)
-    return net.eval(), accuracy
+            schedule.step()
+    return net.eval(), accuracy(net, splits.test.grey(), splits.test.labels)
 
 
 _LOADED: dict[tuple[str, str], Classifier] = {}
@@ -162,12 +175,12 @@ def get_classifier(dataset: str, root, device: str = "cpu",
         trained = not path.exists()
         if trained:
             start = time.perf_counter()
-            net, accuracy = train_classifier(dataset, root, settings, device)
+            net, test_accuracy = train_classifier(dataset, root, settings, device)
             payload = {
                 "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                 "image_shape": list(net.image_shape),
-                "n_classes": net.head.out_features,
-                "test_accuracy": accuracy,
+                "n_classes": net.head[-1].out_features,
+                "test_accuracy": test_accuracy,
                 "settings": asdict(settings),
                 "dataset": dataset,
                 "dataset_digest": dataset_digest(dataset),
