@@ -140,6 +140,12 @@ def train_classifier(dataset: str, root, settings: Settings = DEFAULT_SETTINGS,
     steps = settings.epochs * math.ceil(len(x) / settings.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     gen = torch.Generator().manual_seed(settings.seed)
+    with torch.enable_grad():  # callers (quality_metrics) may be under no_grad
+        _fit(net, optimizer, schedule, x, y, settings, gen, device)
+    return net.eval(), accuracy(net, splits.test.grey(), splits.test.labels)
+
+
+def _fit(net, optimizer, schedule, x, y, settings: Settings, gen, device) -> None:
     for _ in range(settings.epochs):
         net.train()
         perm = torch.randperm(len(x), generator=gen).to(device)
@@ -150,7 +156,6 @@ def train_classifier(dataset: str, root, settings: Settings = DEFAULT_SETTINGS,
             loss.backward()
             optimizer.step()
             schedule.step()
-    return net.eval(), accuracy(net, splits.test.grey(), splits.test.labels)
 
 
 _LOADED: dict[tuple[str, str], Classifier] = {}

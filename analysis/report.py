@@ -1,0 +1,183 @@
+"""Entry point: MLflow runs -> reports/. `python -m analysis.report --tracking-uri URI --out DIR`
+writes index.html, loss_choice.html/.md and kl_dynamics.html/.md (figures of the Markdown
+under DIR/figures/). The HTML is self-contained: figures are embedded, nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import os
+import re
+import sys
+from pathlib import Path
+
+from analysis import kl_dynamics, loss_choice, tables
+from analysis.runs import FINISHED, RunStore, load_runs, redact
+from study.errors import UsageError
+
+TEMPLATES = Path(__file__).with_name("templates")
+DEFAULT_UI = "http://127.0.0.1:5000"
+EXPECTED_STUDIES = ("loss_choice", "kl_dynamics", "search_mnist", "search_fashion")
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path.cwd().resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- rendering
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]])")
+
+
+def md_escape(text) -> str:
+    """A user or generated string as literal Markdown text: HTML and emphasis disarmed."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+def md_cell(text) -> str:
+    return md_escape(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_url(url) -> str:
+    return str(url).replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+
+
+def environments():
+    """(html, markdown) jinja2 environments; autoescape is on for HTML."""
+    import jinja2
+    import markdown
+    from markupsafe import Markup
+
+    loader = jinja2.FileSystemLoader(TEMPLATES)
+    html_env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
+    md_env = jinja2.Environment(loader=loader, autoescape=False, keep_trailing_newline=True,
+                                undefined=jinja2.StrictUndefined)
+    html_env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
+    # Markdown blocks come only from this package's templates filled with computed numbers.
+    html_env.filters["markdown_html"] = lambda src: Markup(
+        markdown.markdown(src, extensions=["tables"]))
+    md_env.filters.update(md=md_escape, md_cell=md_cell, md_url=md_url)
+    return html_env, md_env
+
+
+def write(path: Path, text: str) -> None:
+    """Write `text` with any password in a URI redacted."""
+    path.write_text(redact(text), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def read_evidence(data_root: Path):
+    """Pixel evidence of both datasets, or ({}, why not)."""
+    from analysis.evidence import pixel_evidence
+
+    try:
+        return {d: pixel_evidence(d, data_root) for d in tables.DATASET_ORDER}, None
+    except UsageError as exc:
+        return {}, str(exc)
+
+
+def study_rows(store: RunStore, ui_url: str) -> list[dict]:
+    frame = store.frame
+    names = list(dict.fromkeys([*EXPECTED_STUDIES, *sorted(set(frame["study"]))]))
+    rows = []
+    for name in names:
+        runs = frame[frame["study"] == name]
+        counts = runs["status"].value_counts()
+        exp = store.experiments.get(name)
+        rows.append({
+            "name": name, "purpose": tables.STUDY_PURPOSE.get(name, "—"), "runs": len(runs),
+            "finished": int(counts.get(FINISHED, 0)), "killed": int(counts.get("KILLED", 0)),
+            "failed": int(counts.get("FAILED", 0)), "experiment_id": exp,
+            "url": f"{ui_url.rstrip('/')}/#/experiments/{exp}" if exp else None,
+            "command": tables.make_command(name),
+        })
+    return rows
+
+
+def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
+                  data_root: Path = Path("data"),
+                  collapse_threshold: float = kl_dynamics.COLLAPSE_THRESHOLD) -> list[Path]:
+    """Read the runs, build both reports and the index under `out`; the paths written."""
+    store = load_runs(tracking_uri)
+    html_env, md_env = environments()
+
+    def render_md(name, **values):
+        return md_env.get_template(name).render(**values)
+
+    evidence, data_problem = read_evidence(Path(data_root))
+    loss_report, verdict_rows = loss_choice.build(loss_choice.Context(
+        store, ui_url, evidence, data_problem, render_md))
+    kl_report = kl_dynamics.build(kl_dynamics.Context(
+        store, ui_url, render_md, collapse_threshold))
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    written = []
+    for report in (loss_report, kl_report):
+        report.number_figures()
+        for fig in report.figures():
+            fig.name = f"{report.name}-{fig.name}"
+            (fig_dir / f"{fig.name}.png").write_bytes(fig.png)
+            written.append(fig_dir / f"{fig.name}.png")
+        for ext, env in (("html", html_env), ("md", md_env)):
+            path = out / f"{report.name}.{ext}"
+            write(path, env.get_template(f"report.{ext}.j2").render(report=report))
+            written.append(path)
+    missing = {}
+    for m in loss_report.missing + kl_report.missing:
+        missing.setdefault(m.what, m)
+    index = html_env.get_template("index.html.j2").render(
+        reports=[loss_report, kl_report], verdicts=verdict_rows,
+        studies=study_rows(store, ui_url),
+        built_from=tables.provenance(store, sorted(set(store.frame["study"]))),
+        missing=list(missing.values()))
+    write(out / "index.html", index)
+    written.append(out / "index.html")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.report",
+        description="Build the analysis reports (index, loss choice, KL dynamics) from the "
+                    "MLflow runs of the studies. Builds from whatever studies have run and "
+                    "lists what is missing; an empty store is an error (exit status 2).")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///<cwd>/mlruns/mlflow.db)")
+    parser.add_argument("--out", type=Path, default=Path("reports"),
+                        help="output folder (default: reports)")
+    parser.add_argument("--ui-url", default=DEFAULT_UI,
+                        help=f"base URL of the MLflow UI for run links (default: {DEFAULT_UI})")
+    parser.add_argument("--data-root", type=Path, default=Path("data"),
+                        help="folder with MNIST/raw and FashionMNIST/raw for the data evidence "
+                             "(default: data)")
+    parser.add_argument("--collapse-threshold", type=float,
+                        default=kl_dynamics.COLLAPSE_THRESHOLD,
+                        help="KL (nats) below which a latent dimension counts as collapsed "
+                             f"(default: {kl_dynamics.COLLAPSE_THRESHOLD})")
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        if not args.collapse_threshold > 0:
+            raise UsageError(f"--collapse-threshold must be > 0, got {args.collapse_threshold}")
+        written = build_reports(uri, args.out, args.ui_url, args.data_root,
+                                args.collapse_threshold)
+    except UsageError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return UsageError.exit_code
+    pages = [p for p in written if p.suffix in (".html", ".md")]
+    print(f"wrote {len(pages)} pages and {len(written) - len(pages)} figures to {args.out}: "
+          + ", ".join(p.name for p in pages))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

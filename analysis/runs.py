@@ -1,0 +1,206 @@
+"""Runs -> one pandas DataFrame: every trial run of every study with its params, final
+metrics and tags as columns; metric histories and artifacts are fetched on demand.
+
+Columns: `run_id`, `experiment_id`, `run_name`, `status`, `study`; the Config params under
+their own names (numeric where every value parses, e.g. `beta`, `latent_dim`, `seed`); the
+final (latest) value of each metric under its key (`val/kl`, `test/sse`), except ungrouped
+keys, which get a `last/` prefix (`last/beta`, `last/lr`) so they never clash with a param;
+tags as `tag/<name>` (`tag/git_commit`, `tag/profile`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+
+from study.errors import UsageError
+
+FINISHED = "FINISHED"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host` and `?password=...` ->
+    `?password=***`, anywhere in `text`."""
+    return _QUERY_SECRET.sub(r"\g<key>***", _PASSWORD.sub(r"\g<head>***@", text))
+
+
+def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _check_store_exists(tracking_uri: str) -> None:
+    """A sqlite URI naming a missing file would make MLflow create an empty store: refuse."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite":
+        return
+    path = unquote(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else ""
+    if path and path != ":memory:" and not Path(path).is_file():
+        raise UsageError(
+            f"no MLflow store at {path}; run `make study` first (or pass --tracking-uri)"
+        )
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """mlflow.search_runs reads the global tracking URI: set it for the block only."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _numeric_where_possible(column: pd.Series) -> pd.Series:
+    """Params arrive as strings: make a column numeric when every value (bar None) parses."""
+    values = column.where(~column.isin(["None", "", "nan"]))
+    parsed = pd.to_numeric(values, errors="coerce")
+    if parsed.notna().sum() == values.notna().sum() and values.notna().any():
+        if parsed.notna().all() and (parsed % 1 == 0).all():
+            return parsed.astype("int64")
+        return parsed
+    return column
+
+
+def tidy(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFrame:
+    """mlflow.search_runs' frame -> one row per trial run with the columns of this module.
+
+    A trial run carries a `likelihood` param (it trained a Config); parent runs of an
+    invocation are left out.
+    """
+    if raw.empty:
+        return pd.DataFrame(columns=["run_id", "experiment_id", "run_name", "status", "study"])
+    trial = raw["params.likelihood"].notna() if "params.likelihood" in raw else raw["run_id"].isna()
+    parents = set(raw.get(f"tags.{PARENT_TAG}", pd.Series(dtype=str)).dropna())
+    raw = raw[trial & ~raw["run_id"].isin(parents)]
+    out = {
+        "run_id": raw["run_id"],
+        "experiment_id": raw["experiment_id"].astype(str),
+        "status": raw["status"],
+        "start_time": raw.get("start_time"),
+    }
+    for col in raw.columns:
+        if col.startswith("params."):
+            out[col[len("params."):]] = _numeric_where_possible(raw[col])
+        elif col.startswith("metrics."):
+            key = col[len("metrics."):]
+            out[key if "/" in key else f"last/{key}"] = pd.to_numeric(raw[col], errors="coerce")
+        elif col.startswith("tags."):
+            out[f"tag/{col[len('tags.'):]}"] = raw[col]
+    frame = pd.DataFrame(out)
+    names = frame.get(f"tag/{RUN_NAME_TAG}")
+    frame["run_name"] = names if names is not None else frame["run_id"]
+    frame["run_name"] = frame["run_name"].fillna(frame["run_id"])
+    by_experiment = frame["experiment_id"].map(experiment_names)
+    study_tag = frame.get("tag/study")
+    frame["study"] = study_tag.fillna(by_experiment) if study_tag is not None else by_experiment
+    return frame.sort_values(["study", "run_name"]).reset_index(drop=True)
+
+
+@dataclass
+class RunStore:
+    """The trial runs of a tracking store, and access to their histories and artifacts."""
+
+    tracking_uri: str
+    frame: pd.DataFrame
+    experiments: dict[str, str]
+    """Study (experiment) name -> experiment id."""
+    _histories: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def studies(self) -> list[str]:
+        """Studies with at least one trial run."""
+        return sorted(self.frame["study"].dropna().unique())
+
+    def finished(self, study: str | list[str]) -> pd.DataFrame:
+        """FINISHED trial runs of one or more studies (pruned and failed runs are left out)."""
+        names = [study] if isinstance(study, str) else list(study)
+        frame = self.frame
+        return frame[frame["study"].isin(names) & (frame["status"] == FINISHED)].copy()
+
+    def history(self, run_ids, keys) -> pd.DataFrame:
+        """Long frame (run_id, key, step, value) of every logged value of `keys` in `run_ids`."""
+        client = self.client
+        rows = []
+        for run_id in run_ids:
+            for key in keys:
+                cache_key = (run_id, key)
+                if cache_key not in self._histories:
+                    self._histories[cache_key] = [
+                        (m.step, m.value) for m in client.get_metric_history(run_id, key)
+                    ]
+                rows.extend((run_id, key, s, v) for s, v in self._histories[cache_key])
+        frame = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+        return frame.sort_values(["run_id", "key", "step"]).reset_index(drop=True)
+
+    def artifact_png(self, run_id: str, contains: str) -> bytes | None:
+        """Bytes of the first PNG artifact of a run whose file name contains `contains`."""
+        client = self.client
+
+        def walk(path=None):
+            for info in client.list_artifacts(run_id, path):
+                if info.is_dir:
+                    yield from walk(info.path)
+                else:
+                    yield info.path
+
+        try:
+            paths = sorted(walk())
+        except Exception:  # an unreachable artifact store: the figure says the artifact is missing
+            return None
+        for path in paths:
+            name = Path(path).name.lower()
+            if name.endswith(".png") and contains in name:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = client.download_artifacts(run_id, path, tmp)
+                    return Path(local).read_bytes()
+        return None
+
+
+def load_runs(tracking_uri: str) -> RunStore:
+    """Every trial run in the store at `tracking_uri`; UsageError when there are none."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    _check_store_exists(tracking_uri)
+    try:
+        experiments = MlflowClient(tracking_uri=tracking_uri).search_experiments()
+    except Exception as exc:  # any failure to reach the store is the user's to fix
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"cannot read the MLflow store {redact(tracking_uri)}: {redact(message)}"
+        ) from exc
+    names = {e.experiment_id: e.name for e in experiments}
+    raw = pd.DataFrame()
+    if names:
+        with _tracking_uri(tracking_uri):
+            raw = mlflow.search_runs(experiment_ids=list(names), output_format="pandas")
+    frame = tidy(raw, names)
+    if frame.empty:
+        raise UsageError(
+            f"no trial runs in {redact(tracking_uri)}; run `make study` "
+            f"(or `make study STUDY=loss_choice`) first"
+        )
+    studies = set(frame["study"])
+    experiments_by_study = {
+        study: str(frame.loc[frame["study"] == study, "experiment_id"].iloc[0]) for study in studies
+    }
+    return RunStore(tracking_uri, frame, experiments_by_study)

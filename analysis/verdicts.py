@@ -1,0 +1,282 @@
+"""Verdicts on "BCE suits MNIST" and "MSE suits Fashion-MNIST", computed from the runs by
+stated rules; the report's sentences are generated from the outcomes, never written ahead.
+
+Rule 1 (a metric): pair the runs of the two likelihoods that share dataset, beta, seed and
+latent_dim; with at least MIN_PAIRS pairs a two-sided paired t-test at level ALPHA decides
+whether the metric favours the claim, goes against it, or shows no difference.
+Rule 2 (a comparison): supports when more than half of the tested metrics favour the claim
+and none goes against it; contradicts when more than half go against it and none favours
+it; insufficient data when no metric could be tested; mixed otherwise.
+Rule 3 (the claim): the comparison with the rival as people write it (fixed sigma^2 = 1/2)
+decides; when the calibrated comparison (shared learned sigma) was run and reaches a
+different, testable verdict, the claim is mixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from analysis import stats
+
+ALPHA = 0.05
+MIN_PAIRS = 3
+PAIR_ON = ["beta", "seed", "latent_dim"]
+
+SUPPORTS, CONTRADICTS, MIXED, INSUFFICIENT = "supports", "contradicts", "mixed", "insufficient data"
+FAVOURS, AGAINST, NO_DIFFERENCE = "favours the claim", "against the claim", "no difference"
+
+LIKELIHOOD_LABELS = {
+    "bernoulli": "Bernoulli (BCE)",
+    "gaussian": "Gaussian, fixed σ (MSE)",
+    "gaussian_learned": "Gaussian, learned σ",
+    "continuous_bernoulli": "continuous Bernoulli",
+    "laplace": "Laplace (L1)",
+}
+DATASET_LABELS = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A likelihood-free quality metric read from the runs (or derived from one column)."""
+
+    key: str
+    label: str
+    lower_is_better: bool
+    source: str | None = None
+    """Column it is derived from as 1 - value (1 - SSIM); None: the column itself."""
+
+    def values(self, frame: pd.DataFrame) -> pd.Series | None:
+        column = self.source or self.key
+        if column not in frame or frame[column].isna().all():
+            return None
+        return 1.0 - frame[column] if self.source else frame[column]
+
+
+MATCHED_RATE = Metric("sse_at_matched_rate", "SSE at matched rate", lower_is_better=True)
+"""SSE of the two rate-distortion curves (runs across beta of one seed) averaged over the
+rates both reach: compares the likelihoods at equal KL rather than at equal beta."""
+RATE, DISTORTION = "test/kl", "test/sse"
+
+METRICS = [
+    Metric("test/sse", "SSE (summed over pixels)", lower_is_better=True),
+    Metric("1-ssim", "1 − SSIM", lower_is_better=True, source="test/ssim"),
+    Metric("test/probe_accuracy", "linear-probe accuracy", lower_is_better=False),
+    Metric("test/frechet_distance", "sample Fréchet distance", lower_is_better=True),
+]
+
+
+def with_derived(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` plus the derived metric columns (e.g. 1-ssim)."""
+    out = frame.copy()
+    for m in METRICS:
+        if m.source and m.source in out:
+            out[m.key] = 1.0 - out[m.source]
+    return out
+
+
+@dataclass
+class MetricOutcome:
+    metric: Metric
+    result: stats.Paired
+    outcome: str
+
+    def sentence(self, favoured: str, rival: str) -> str:
+        r, m = self.result, self.metric
+        if self.outcome == INSUFFICIENT:
+            return (f"{m.label}: {r.n} pair(s) of {favoured} and {rival}, fewer than the "
+                    f"{MIN_PAIRS} the rule needs.")
+        direction = "lower" if r.mean_diff < 0 else "higher"
+        return (
+            f"{m.label}: {favoured} is {direction} than {rival} by {abs(r.mean_diff):.4g} on "
+            f"average (95% CI of the difference {r.lo:.4g} to {r.hi:.4g}; n = {r.n} pairs; "
+            f"paired t p = {fmt_p(r.t_p)}, Wilcoxon p = {fmt_p(r.wilcoxon_p)}; "
+            f"d_z = {r.d_z:.2f}); {m.label} is better when "
+            f"{'lower' if m.lower_is_better else 'higher'}: {self.outcome}."
+        )
+
+
+def fmt_p(p: float) -> str:
+    if not math.isfinite(p):
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def metric_outcome(metric: Metric, result: stats.Paired) -> MetricOutcome:
+    """Rule 1. `result` holds differences favoured - rival."""
+    if result.n < MIN_PAIRS:
+        return MetricOutcome(metric, result, INSUFFICIENT)
+    if not (result.t_p < ALPHA):
+        return MetricOutcome(metric, result, NO_DIFFERENCE)
+    better = result.mean_diff < 0 if metric.lower_is_better else result.mean_diff > 0
+    return MetricOutcome(metric, result, FAVOURS if better else AGAINST)
+
+
+def comparison_verdict(outcomes: list[MetricOutcome]) -> str:
+    """Rule 2."""
+    tested = [o for o in outcomes if o.outcome != INSUFFICIENT]
+    if not tested:
+        return INSUFFICIENT
+    wins = sum(o.outcome == FAVOURS for o in tested)
+    losses = sum(o.outcome == AGAINST for o in tested)
+    if wins > len(tested) / 2 and losses == 0:
+        return SUPPORTS
+    if losses > len(tested) / 2 and wins == 0:
+        return CONTRADICTS
+    return MIXED
+
+
+@dataclass
+class Comparison:
+    dataset: str
+    favoured: str
+    rival: str
+    outcomes: list[MetricOutcome] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+    """Likelihoods of the comparison without any finished run on the dataset."""
+
+    @property
+    def verdict(self) -> str:
+        return INSUFFICIENT if self.absent else comparison_verdict(self.outcomes)
+
+    @property
+    def label(self) -> str:
+        return f"{LIKELIHOOD_LABELS.get(self.favoured, self.favoured)} vs " \
+               f"{LIKELIHOOD_LABELS.get(self.rival, self.rival)}"
+
+    def summary(self) -> str:
+        if self.absent:
+            return (f"{self.label}: not run (no finished {' or '.join(self.absent)} runs on "
+                    f"{DATASET_LABELS.get(self.dataset, self.dataset)}).")
+        fav = [o.metric.label for o in self.outcomes if o.outcome == FAVOURS]
+        against = [o.metric.label for o in self.outcomes if o.outcome == AGAINST]
+        none = [o.metric.label for o in self.outcomes if o.outcome == NO_DIFFERENCE]
+        parts = []
+        if fav:
+            parts.append(f"favoured on {', '.join(fav)}")
+        if against:
+            parts.append(f"against on {', '.join(against)}")
+        if none:
+            parts.append(f"no significant difference on {', '.join(none)}")
+        if not parts:
+            parts.append(f"no metric had {MIN_PAIRS} or more pairs")
+        return f"{self.label}: {self.verdict} ({'; '.join(parts)})."
+
+
+def compare(frame: pd.DataFrame, dataset: str, favoured: str, rival: str,
+            metrics=METRICS) -> Comparison:
+    """Rule 1 for every metric present, favoured vs rival on one dataset."""
+    sub = with_derived(frame[frame["dataset"] == dataset])
+    on = [c for c in PAIR_ON if c in sub]
+    comparison = Comparison(dataset, favoured, rival)
+    comparison.absent = [lik for lik in (favoured, rival) if lik not in set(sub["likelihood"])]
+    if comparison.absent:
+        return comparison
+    for metric in metrics:
+        if metric.values(sub) is None:
+            continue
+        a, b = stats.pair_runs(sub, "likelihood", favoured, rival, on, metric.key)
+        comparison.outcomes.append(metric_outcome(metric, stats.paired(a.values, b.values)))
+    if RATE in sub and DISTORTION in sub:
+        a, b = matched_rate_pairs(sub, favoured, rival)
+        comparison.outcomes.append(metric_outcome(MATCHED_RATE, stats.paired(a, b)))
+    return comparison
+
+
+def matched_rate_pairs(frame: pd.DataFrame, favoured: str, rival: str):
+    """Per seed (and latent_dim): SSE of each likelihood's curve across beta, averaged over
+    the rates both curves reach. Returns two matched lists."""
+    units = [c for c in ("seed", "latent_dim") if c in frame]
+    a, b = [], []
+    for _, unit in frame.groupby(units):
+        curves = [unit[unit["likelihood"] == lik] for lik in (favoured, rival)]
+        matched = stats.distortion_at_matched_rate(*curves, rate=RATE, distortion=DISTORTION)
+        if matched is not None:
+            a.append(matched[0])
+            b.append(matched[1])
+    return a, b
+
+
+@dataclass(frozen=True)
+class Claim:
+    dataset: str
+    text: str
+    favoured: str
+    rival: str
+    calibrated: tuple[str, str]
+    """(favoured, rival) of the comparison with a learned, calibrated sigma."""
+
+
+CLAIMS = [
+    Claim("mnist", "BCE suits MNIST", "bernoulli", "gaussian", ("bernoulli", "gaussian_learned")),
+    Claim("fashion", "MSE suits Fashion-MNIST", "gaussian", "bernoulli",
+          ("gaussian_learned", "bernoulli")),
+]
+
+
+@dataclass
+class ClaimVerdict:
+    claim: Claim
+    primary: Comparison
+    calibrated: Comparison
+
+    @property
+    def verdict(self) -> str:
+        """Rule 3."""
+        p, c = self.primary.verdict, self.calibrated.verdict
+        if p == INSUFFICIENT or c in (INSUFFICIENT, p):
+            return p
+        return MIXED
+
+    def sentences(self) -> list[str]:
+        name = DATASET_LABELS.get(self.claim.dataset, self.claim.dataset)
+        p, c = self.primary.verdict, self.calibrated.verdict
+        out = [f"On {name}, the evidence {self._verb()} “{self.claim.text}”."]
+        out.append(f"As people write it — {self.primary.summary()}")
+        out.append(f"With a calibrated σ — {self.calibrated.summary()}")
+        if c != INSUFFICIENT:
+            if p != SUPPORTS and c == SUPPORTS:
+                out.append("The claim holds only with a calibrated σ (gaussian_learned), "
+                           "not with a fixed σ² = ½.")
+            elif p == SUPPORTS and c != SUPPORTS:
+                out.append("The claim holds against a fixed σ² = ½ but not once σ is learned.")
+        return out
+
+    def _verb(self) -> str:
+        return {SUPPORTS: "supports", CONTRADICTS: "contradicts",
+                MIXED: "is mixed on", INSUFFICIENT: "is insufficient to judge"}[self.verdict]
+
+
+def claim_verdict(frame: pd.DataFrame, claim: Claim) -> ClaimVerdict:
+    """The verdict on `claim` from the finished loss_choice runs in `frame`."""
+    return ClaimVerdict(
+        claim,
+        compare(frame, claim.dataset, claim.favoured, claim.rival),
+        compare(frame, claim.dataset, *claim.calibrated),
+    )
+
+
+def rules_text() -> list[str]:
+    """The rules as the report states them, with this module's constants."""
+    return [
+        f"A metric: runs of the two likelihoods are paired when they share dataset, β, seed "
+        f"and latent_dim; with at least {MIN_PAIRS} pairs a two-sided paired t-test at "
+        f"α = {ALPHA} decides whether the metric favours the claim, goes against it, or "
+        f"shows no difference (the Wilcoxon signed-rank p and Cohen's d_z are reported "
+        f"alongside); fewer pairs: insufficient data.",
+        "A comparison: supports when more than half of the tested metrics favour the claim "
+        "and none goes against it; contradicts when more than half go against it and none "
+        "favours it; insufficient data when no metric could be tested; mixed otherwise.",
+        "The claim: the comparison with the rival as people write it (Gaussian with fixed "
+        "σ² = ½, i.e. plain SSE) decides; when the calibrated comparison (a shared learned σ) "
+        "was run and reaches a different verdict, the claim is mixed.",
+        "Metrics: " + "; ".join(
+            f"{m.label} ({'lower' if m.lower_is_better else 'higher'} is better)"
+            for m in METRICS) + f"; and {MATCHED_RATE.label}: for each seed, the SSE of each "
+        "likelihood's rate-distortion curve across β, interpolated linearly in the rate "
+        "(test KL) and averaged over the rates both curves reach, paired over seeds (this "
+        "compares the likelihoods at equal KL instead of equal β). Metrics the runs did not "
+        "log are left out of the count.",
+    ]

@@ -1,0 +1,515 @@
+"""The analysis reports, built from real runs: a session fixture trains tiny VAEs on real
+MNIST / Fashion-MNIST subsets, logs them with the real MLflow client into a temporary sqlite
+store in the runner's schema, and `python -m analysis.report` builds the reports from it.
+The HTML is opened in a real headless Chromium driven over the DevTools protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import report, verdicts
+from analysis.runs import load_runs, run_url
+from study.config import Config
+from study.data import dataset_digest, load_splits
+from study.train import Callback, train
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+HOSTILE = "<script>alert(1)</script>"
+CHROMIUM = "/usr/bin/chromium"
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+class LogToMlflow(Callback):
+    """What the runner logs per step (first epoch) and per epoch."""
+
+    def on_step(self, step, metrics):
+        import mlflow
+
+        mlflow.log_metrics({"step/" + k.replace("train/", "train_"): v
+                            for k, v in metrics.items()}, step=step)
+
+    def on_epoch(self, epoch, metrics):
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def _grid_png(images: torch.Tensor, path: Path) -> Path:
+    from torchvision.utils import save_image
+
+    save_image(images, path, nrow=8, padding=1)
+    return path
+
+
+def _log_trial(study, experiment_id, parent_id, number, config, splits, tmp, run_name=None,
+               status="FINISHED"):
+    import mlflow
+
+    tags = {
+        "study": study, "trial_number": str(number), "profile": "test",
+        "dataset_digest": dataset_digest(config.dataset), "git_commit": "0123abc",
+        "git_dirty": "true", "device": "cpu", "torch_version": torch.__version__,
+    }
+    name = run_name or f"{study}/trial-{number:04d}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent_id,
+                          tags=tags) as run:
+        mlflow.log_params(config.as_params())
+        if status == "FAILED":
+            mlflow.set_tag("failure_reason", "NonFiniteLoss: non-finite loss at epoch 1 step 3")
+            mlflow.end_run(status="FAILED")
+            return run.info.run_id
+        result = train(config, [LogToMlflow()], splits=splits, evaluate_at_end=True)
+        if status == "KILLED":
+            mlflow.end_run(status="KILLED")
+            return run.info.run_id
+        mlflow.log_metrics({f"test/{k}": float(v) for k, v in result.test.items()})
+        if study == "loss_choice":
+            with torch.no_grad():
+                x = splits.test.grey()[:16]
+                recon = result.likelihood.mean(result.model.decode(result.model.encode(x)[0]))
+                z = torch.randn(16, config.latent_dim, generator=torch.Generator().manual_seed(0))
+                samples = result.likelihood.mean(result.model.decode(z))
+            run_dir = Path(tmp) / run.info.run_id
+            run_dir.mkdir()
+            mlflow.log_artifact(str(_grid_png(torch.cat([x, recon.clamp(0, 1)]),
+                                              run_dir / "reconstructions.png")), "figures")
+            mlflow.log_artifact(str(_grid_png(samples.clamp(0, 1), run_dir / "samples.png")),
+                                "figures")
+        return run.info.run_id
+
+
+def log_fixture_runs(tracking_uri: str, artifact_root: Path, data_root: Path) -> dict:
+    """A miniature of the runner's studies (1-2 epochs on ~1000 images each):
+
+    loss_choice  2 datasets x {bernoulli, gaussian} x beta {0.5, 2} x seeds {0, 1}, 1 epoch
+    kl_dynamics  MNIST x beta {1, 16} x latent_dim {2, 8}, plus a warm-up and a free-bits run,
+                 2 epochs
+    search_mnist 3 trials (one pruned -> KILLED, one FAILED)
+    One loss_choice run is named `<script>alert(1)</script>`.
+    """
+    import mlflow
+
+    previous, threads = mlflow.get_tracking_uri(), torch.get_num_threads()
+    mlflow.set_tracking_uri(tracking_uri)
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-core machine
+    base = Config(data_root=str(data_root), train_subset=1000, val_size=500, test_subset=300,
+                  epochs=1, batch_size=100, test_iw_k=10, device="cpu", latent_dim=8,
+                  step_log_every=2)
+    splits = {}
+
+    def splits_for(config):
+        key = (config.dataset, config.seed)
+        if key not in splits:
+            splits[key] = load_splits(config.dataset, data_root, val_size=config.val_size,
+                                      seed=config.seed, train_subset=config.train_subset,
+                                      test_subset=config.test_subset)
+        return splits[key]
+
+    designs = {
+        "loss_choice": [
+            base.replace(dataset=d, likelihood=lik, beta=b, seed=s)
+            for d in ("mnist", "fashion") for lik in ("bernoulli", "gaussian")
+            for b in (0.5, 2.0) for s in (0, 1)
+        ],
+        "kl_dynamics": [
+            base.replace(beta=b, latent_dim=z, epochs=2) for b in (1.0, 16.0) for z in (2, 8)
+        ] + [
+            base.replace(beta=16.0, epochs=2, beta_schedule="linear", warmup=10),
+            base.replace(beta=16.0, epochs=2, free_bits=0.5),
+        ],
+        "search_mnist": [
+            base.replace(likelihood="gaussian", beta=0.3, latent_dim=4),
+            base.replace(likelihood="bernoulli", beta=3.0, latent_dim=16),
+            base.replace(likelihood="bernoulli", beta=1.0, latent_dim=8, seed=1),
+            base.replace(likelihood="gaussian", beta=1.0, latent_dim=8),
+        ],
+    }
+    ids = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for study, configs in designs.items():
+                exp = mlflow.create_experiment(
+                    study, artifact_location=(artifact_root / study).as_uri())
+                ids[study] = exp
+                with mlflow.start_run(experiment_id=exp, run_name=f"{study}/parent",
+                                      tags={"study": study, "profile": "test"}) as parent:
+                    parent_id = parent.info.run_id
+                for n, config in enumerate(configs):
+                    name = HOSTILE if (study == "loss_choice" and n == 0) else None
+                    status = {2: "KILLED", 3: "FAILED"}.get(n, "FINISHED") \
+                        if study == "search_mnist" else "FINISHED"
+                    _log_trial(study, exp, parent_id, n, config, splits_for(config), tmp,
+                               run_name=name, status=status)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        torch.set_num_threads(threads)
+    return ids
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+class DevTools:
+    """A minimal Chrome DevTools protocol client over aiohttp's websocket (mlflow needs
+    aiohttp, so it is always installed): commands by id, events collected in order."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id, self.pending, self.events = ws, 0, {}, []
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self):
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data and data["id"] in self.pending:
+                self.pending.pop(data["id"]).set_result(data)
+            elif "method" in data:
+                self.events.append(data)
+
+    async def send(self, method, params=None, session=None, timeout=60):
+        self.next_id += 1
+        future = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = future
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        await self.ws.send_str(json.dumps(message))
+        reply = await asyncio.wait_for(future, timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
+
+    async def wait_for(self, method, timeout=60):
+        for _ in range(int(timeout * 20)):
+            if any(e["method"] == method for e in self.events):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"no {method} event within {timeout} s")
+
+
+IMAGES_JS = """Promise.all(Array.from(document.images).map(img => img.decode().then(
+    () => [img.alt, img.naturalWidth, img.naturalHeight],
+    () => [img.alt, img.naturalWidth, img.naturalHeight])))"""
+
+
+async def _inspect(page: Path, screenshot: Path | None, width: int = 1280) -> dict:
+    import aiohttp
+
+    if not Path(CHROMIUM).exists():
+        raise AssertionError(f"{CHROMIUM} is missing: install Debian's chromium "
+                             "(apt-get install -y chromium) to run the browser test")
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
+    proc = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-quic", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+         "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        for _ in range(600):
+            if port_file.exists() and len(port_file.read_text().split()) >= 2:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"chromium exited with status {proc.returncode}")
+            await asyncio.sleep(0.05)
+        port, path = port_file.read_text().split()[:2]
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0) as ws:
+            cdp = DevTools(ws)
+            target = await cdp.send("Target.createTarget", {"url": "about:blank"})
+            sid = (await cdp.send("Target.attachToTarget",
+                                  {"targetId": target["targetId"], "flatten": True}))["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                await cdp.send(f"{domain}.enable", session=sid)
+            await cdp.send("Emulation.setDeviceMetricsOverride", {
+                "width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+                session=sid)
+            await cdp.send("Page.navigate", {"url": page.as_uri()}, session=sid)
+            await cdp.wait_for("Page.loadEventFired")
+            images = (await cdp.send("Runtime.evaluate", {
+                "expression": IMAGES_JS, "awaitPromise": True, "returnByValue": True},
+                session=sid))["result"]["value"]
+            text = (await cdp.send("Runtime.evaluate", {
+                "expression": "document.body.textContent", "returnByValue": True},
+                session=sid))["result"]["value"]
+            if screenshot is not None:
+                height = (await cdp.send("Runtime.evaluate", {
+                    "expression": "document.documentElement.scrollHeight",
+                    "returnByValue": True}, session=sid))["result"]["value"]
+                shot = await cdp.send("Page.captureScreenshot", {
+                    "format": "png", "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 16000),
+                             "scale": 1}}, session=sid)
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                screenshot.write_bytes(base64.b64decode(shot["data"]))
+            await asyncio.sleep(0.2)  # let late console messages arrive
+            cdp.reader.cancel()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+    events = cdp.events
+    return {
+        "images": images,
+        "text": text,
+        "console_errors": [e["params"] for e in events if e["method"] == "Runtime.consoleAPICalled"
+                           and e["params"].get("type") in ("error", "assert")],
+        "exceptions": [e["params"] for e in events if e["method"] == "Runtime.exceptionThrown"],
+        "log_errors": [e["params"]["entry"] for e in events if e["method"] == "Log.entryAdded"
+                       and e["params"]["entry"].get("level") == "error"],
+        "dialogs": [e["params"] for e in events if e["method"] == "Page.javascriptDialogOpening"],
+        "requests": [e["params"]["request"]["url"] for e in events
+                     if e["method"] == "Network.requestWillBeSent"],
+    }
+
+
+def inspect_page(page: Path, screenshot: Path | None = None) -> dict:
+    """Open `page` in headless Chromium: images, text, console errors, requests, dialogs."""
+    return asyncio.run(_inspect(page, screenshot))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+UI = "http://mlflow.example.test:5000"
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, data_root):
+    """(tracking URI, {study: experiment id}) of the miniature studies."""
+    root = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return uri, log_fixture_runs(uri, root / "artifacts", data_root)
+
+
+@pytest.fixture(scope="session")
+def built(store, data_root, tmp_path_factory):
+    """The reports built by the CLI from the miniature studies."""
+    out = tmp_path_factory.mktemp("reports")
+    # 0.1 nats: after two epochs on 1000 images a few dimensions are that quiet already
+    rc = report.main(["--tracking-uri", store[0], "--out", str(out), "--ui-url", UI,
+                      "--data-root", str(data_root), "--collapse-threshold", "0.1"])
+    assert rc == 0
+    return out
+
+
+PAGES = ("index", "loss_choice", "kl_dynamics")
+
+
+class _Tables(HTMLParser):
+    """Cells of every <table>, and the src of every <img>."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self.images, self._in_cell = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("td", "th"):
+            self._in_cell = True
+            self.cells.append("")
+        elif tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells[-1] += data
+
+
+def parsed(path: Path) -> _Tables:
+    parser = _Tables()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def decoded(png: bytes) -> np.ndarray:
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(io.BytesIO(png), format="png")
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_cli_writes_every_page_and_figure(built):
+    for name in ("index.html", "loss_choice.html", "loss_choice.md", "kl_dynamics.html",
+                 "kl_dynamics.md"):
+        assert (built / name).stat().st_size > 1000, name
+    for name in ("loss_choice", "kl_dynamics"):
+        md = (built / f"{name}.md").read_text()
+        referenced = re.findall(r"\]\((figures/[^)]+\.png)\)", md)
+        assert referenced, f"{name}.md has no figures"
+        html_figures = parsed(built / f"{name}.html").images
+        assert len(html_figures) == len(referenced)
+        for rel in referenced:
+            assert (built / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("page", ["loss_choice", "kl_dynamics"])
+def test_every_figure_is_a_non_empty_image(built, page):
+    srcs = parsed(built / f"{page}.html").images
+    expected = {"loss_choice": 7, "kl_dynamics": 7}[page]
+    assert len(srcs) == expected
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,"), src[:40]  # embedded, never fetched
+        pixels = decoded(base64.b64decode(src.split(",", 1)[1]))
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert pixels[..., :3].std() > 0.01, "a blank figure"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_tables_have_no_nan(built, page):
+    cells = parsed(built / f"{page}.html").cells
+    assert cells
+    bad = [c for c in cells if re.search(r"\b(nan|NaN|inf|None)\b", c)]
+    assert not bad, bad[:5]
+    if page != "index":
+        md_rows = [ln for ln in (built / f"{page}.md").read_text().splitlines() if ln.startswith("|")]
+        assert md_rows and not [r for r in md_rows if re.search(r"\b(nan|NaN|inf|None)\b", r)]
+
+
+def test_report_states_what_it_was_built_from(built, store):
+    uri, ids = store
+    html = (built / "loss_choice.html").read_text()
+    for fact in (f"loss_choice (experiment {ids['loss_choice']})", "16 trial runs: 16 finished",
+                 "<dt>profile</dt><dd>test</dd>", "<dt>seeds</dt><dd>0, 1</dd>",
+                 "<dt>epochs</dt><dd>1</dd>", "0123abc (uncommitted changes)", uri):
+        assert fact in html, fact
+    kl = (built / "kl_dynamics.html").read_text()
+    assert "1 killed, 1 failed" in kl  # the search study's pruned and failed trials
+    runs = load_runs(uri).finished("loss_choice")
+    for run in runs.itertuples():  # every run is linked from the rate-distortion figure
+        assert f'href="{run_url(UI, run.experiment_id, run.run_id)}"' in html
+
+
+def test_sections_are_generated_from_the_numbers(built, store):
+    text = (built / "loss_choice.md").read_text()
+    audit_row = "| MSE, averaged over pixels | F.mse\\_loss(x\\_hat, x) | 1/784 | 392 |"
+    for needle in ("Loss-scale audit for D = 784", audit_row,
+                   "8.7% of all pixels are mid-grey", "49.7% of the ink pixels",
+                   "39.8% of all pixels are mid-grey", "88.0% of the ink pixels",
+                   "SSE (summed over pixels)", "1 − SSIM", "linear-probe accuracy"):
+        assert needle in text, needle
+    # the verdicts the report states are the rules applied to the same runs
+    runs = load_runs(store[0]).finished("loss_choice")
+    for claim in verdicts.CLAIMS:
+        v = verdicts.claim_verdict(runs, claim)
+        assert v.verdict in {verdicts.SUPPORTS, verdicts.CONTRADICTS, verdicts.MIXED}
+        assert report.md_escape(" ".join(v.sentences())) in text
+    kl = (built / "kl_dynamics.md").read_text()
+    assert re.search(r"MNIST, latent\\_dim 8, β = 16: the validation KL is [\d.]+ nats after epoch 1", kl)
+    per_beta = r"MNIST, β = (1|16) \(seed 0\): (\d+ of 8 dimensions had collapsed|none of the 8)"
+    assert len(re.findall(per_beta, kl)) == 2
+    assert "had collapsed (KL < 0.1 nats) by epoch" in kl.replace("&lt;", "<")
+    assert "with free bits λ = 0.5 the final validation KL is" in kl
+    assert "with linear warm-up over 10 steps the final validation KL is" in kl
+    assert "search\\_mnist (MNIST): " in kl and "Pareto-optimal" in kl
+
+
+def test_a_hostile_run_name_is_shown_as_text(built):
+    html = (built / "loss_choice.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for page in PAGES:
+        assert "<script" not in (built / f"{page}.html").read_text().lower(), page
+    md = (built / "loss_choice.md").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "<script" not in md
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_pages_render_in_chromium(built, page):
+    shot = ARTIFACTS / f"report-{page}.png"
+    seen = inspect_page(built / f"{page}.html", shot)
+    assert not seen["console_errors"] and not seen["exceptions"] and not seen["log_errors"], seen
+    assert not seen["dialogs"], "a script ran"
+    assert all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
+    assert all(width > 0 and height > 0 for _, width, height in seen["images"]), seen["images"]
+    assert len(seen["images"]) == {"index": 0, "loss_choice": 7, "kl_dynamics": 7}[page]
+    assert shot.stat().st_size > 10_000
+    if page == "loss_choice":
+        assert HOSTILE in seen["text"]  # the escaped name reads as the literal string
+
+
+def test_partial_store_builds_and_lists_what_is_missing(store, data_root, tmp_path):
+    from mlflow import MlflowClient
+
+    uri, ids = store
+    source = Path(uri[len("sqlite:///"):])
+    copy = tmp_path / "mlflow.db"
+    shutil.copy(source, copy)
+    partial = f"sqlite:///{copy}"
+    client = MlflowClient(tracking_uri=partial)
+    for study in ("kl_dynamics", "search_mnist"):
+        client.delete_experiment(ids[study])
+    out = tmp_path / "reports"
+    assert report.main(["--tracking-uri", partial, "--out", str(out),
+                        "--data-root", str(tmp_path / "no-data")]) == 0
+    kl = (out / "kl_dynamics.html").read_text()
+    index = (out / "index.html").read_text()
+    for command in ("make study STUDY=kl_dynamics", "make study STUDY=search_mnist",
+                    "make study STUDY=search_fashion", "make data"):
+        assert command in index, command
+    for command in ("make study STUDY=kl_dynamics", "make study STUDY=search_mnist"):
+        assert command in kl, command
+    assert "no finished runs of kl_dynamics" in kl
+    loss = (out / "loss_choice.html").read_text()
+    assert "make study STUDY=loss_choice" in loss and "make data" in loss
+    assert len(parsed(out / "loss_choice.html").images) == 5  # no data: no data evidence
+    assert "Verdicts" in loss  # the trained-model evidence stands on the runs alone
+
+
+def test_an_empty_or_missing_store_is_a_one_line_error(store, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri, ids = store
+    copy = tmp_path / "empty.db"
+    shutil.copy(Path(uri[len("sqlite:///"):]), copy)
+    for experiment_id in ids.values():  # a store with experiments but no trial runs
+        MlflowClient(tracking_uri=f"sqlite:///{copy}").delete_experiment(experiment_id)
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    for target in (f"sqlite:///{copy}", f"sqlite:///{missing}"):
+        capsys.readouterr()
+        assert report.main(["--tracking-uri", target, "--out", str(tmp_path / "out")]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "make study" in lines[0], lines
+        assert not (tmp_path / "out").exists()
+    assert not missing.exists()  # reading never creates a store
+
+
+def test_a_password_in_the_tracking_uri_is_redacted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert report.main(["--tracking-uri", "http://vae:hunter2@127.0.0.1:9",
+                        "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.err + captured.out
+    assert "error: cannot read the MLflow store http://vae:***@127.0.0.1:9" in captured.err
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "analysis.report", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for option in ("--tracking-uri", "--out", "--ui-url", "--data-root", "--collapse-threshold"):
+        assert option in result.stdout

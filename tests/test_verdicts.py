@@ -1,0 +1,212 @@
+"""The statistics and the verdict rules on constructed runs with known answers (no training,
+no MLflow): t-intervals, paired comparisons, matched-rate distortion, the Pareto front, the
+loss-scale audit, collapse counting, redaction, and supports / contradicts / mixed /
+insufficient data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from analysis import stats, verdicts
+from analysis.evidence import loss_scale_audit
+from analysis.kl_dynamics import collapse
+from analysis.runs import redact
+
+# --------------------------------------------------------------------------- stats
+
+
+def test_mean_ci_is_the_student_t_interval():
+    out = stats.mean_ci([1.0, 2.0, 3.0])
+    half = sps.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # sd 1, n 3
+    assert out["n"] == 3 and out["mean"] == pytest.approx(2.0)
+    assert out["lo"] == pytest.approx(2.0 - half) and out["hi"] == pytest.approx(2.0 + half)
+    assert half == pytest.approx(2.4841, abs=1e-4)
+
+
+def test_mean_ci_of_one_seed_has_no_interval_and_errorbars_stay_finite():
+    out = stats.mean_ci([4.0, float("nan")])
+    assert out["n"] == 1 and out["mean"] == 4.0 and math.isnan(out["lo"])
+    assert stats.t_interval([4.0]) == (4.0, 4.0)  # seaborn needs a finite pair
+
+
+def test_paired_comparison_known_values():
+    r = stats.paired([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])  # differences 2, 3, 4
+    assert r.n == 3 and r.mean_diff == pytest.approx(3.0)
+    assert r.d_z == pytest.approx(3.0)  # mean 3 / sd 1
+    assert r.t_p == pytest.approx(2 * sps.t.sf(3 * math.sqrt(3), 2))
+    assert r.wilcoxon_p == pytest.approx(0.25)  # exact: 2 / 2^3
+
+
+def test_paired_drops_incomplete_pairs_and_handles_constant_differences():
+    r = stats.paired([1.0, 2.0, float("nan")], [0.0, 1.0, 5.0])
+    assert r.n == 2 and r.d_z == math.inf and r.t_p == 0.0
+    assert stats.paired([1.0, 1.0], [1.0, 1.0]).t_p == 1.0
+
+
+def test_distortion_at_matched_rate_interpolates_over_the_overlap():
+    a = pd.DataFrame({"r": [0.0, 10.0], "d": [10.0, 0.0]})  # d = 10 - r
+    b = pd.DataFrame({"r": [15.0, 5.0], "d": [10.0, 20.0]})  # d = 25 - r, unsorted
+    da, db = stats.distortion_at_matched_rate(a, b, "r", "d")
+    assert da == pytest.approx(2.5) and db == pytest.approx(17.5)  # mean over r in [5, 10]
+    c = pd.DataFrame({"r": [20.0, 30.0], "d": [1.0, 0.0]})
+    assert stats.distortion_at_matched_rate(a, c, "r", "d") is None
+
+
+def test_pareto_front_minimizes_both():
+    pts = pd.DataFrame({"x": [1, 2, 3, 2, 4], "y": [5, 3, 4, 6, 1]})
+    front = stats.pareto_front(pts, "x", "y")
+    assert list(zip(front["x"], front["y"], strict=True)) == [(1, 5), (2, 3), (4, 1)]
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+@pytest.mark.parametrize("pixels", [784, 3072])
+def test_loss_scale_audit_is_computed_from_d(pixels):
+    audit = loss_scale_audit(pixels).set_index("loss as written (+ KL summed over z)")
+    sigma2 = audit["implied σ² (at β = 1)"]
+    beta = audit["effective β"]
+    assert sigma2["SSE, summed over pixels"] == "0.5" and beta["SSE, summed over pixels"] == "1"
+    assert sigma2["MSE, averaged over pixels"] == f"{pixels / 2:g}"
+    assert beta["MSE, averaged over pixels"] == f"{pixels:g}"
+    assert beta["BCE, summed over pixels"] == "1"
+    assert beta["BCE, averaged over pixels"] == f"{pixels:g}"
+    assert "Bernoulli" in sigma2["BCE, averaged over pixels"]
+
+
+def test_collapse_counts_dimensions_and_the_epoch_they_had_collapsed_by():
+    kl = pd.DataFrame([[1.0, 0.5, 0.004, 0.002],   # collapses at epoch 3
+                       [2.0, 0.005, 0.003, 0.001],  # at epoch 2
+                       [3.0, 2.0, 2.0, 2.0]], columns=[1, 2, 3, 4])
+    assert collapse(kl, 0.01) == (2, 3)
+    assert collapse(kl, 0.0001) == (0, None)
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql://vae:hunter2@db:5432/mlflow", "postgresql://vae:***@db:5432/mlflow"),
+    ("http://user:p%40ss@127.0.0.1:5000", "http://user:***@127.0.0.1:5000"),
+    ("sqlite:////repo/mlruns/mlflow.db", "sqlite:////repo/mlruns/mlflow.db"),
+    ("postgresql://db/mlflow?user=vae&password=hunter2", "postgresql://db/mlflow?user=vae&password=***"),
+    ("see postgresql+psycopg2://a:b@h/d and http://h:5000", "see postgresql+psycopg2://a:***@h/d and http://h:5000"),
+])
+def test_redact_hides_passwords_only(uri, shown):
+    assert redact(uri) == shown
+
+
+# --------------------------------------------------------------------------- verdict rules
+
+
+def runs(dataset: str, effects: dict[str, dict[str, float]], seeds=(0, 1, 2),
+         betas=(0.1, 1.0, 10.0), noise=0.01) -> pd.DataFrame:
+    """Constructed finished runs: effects[likelihood][metric] is added to a base value per
+    (beta, seed) unit, plus small seeded noise, so the paired differences are known."""
+    rng = np.random.default_rng(0)
+    base = {"test/sse": 40.0, "test/ssim": 0.6, "test/probe_accuracy": 0.8,
+            "test/frechet_distance": 30.0}
+    rows = []
+    for lik, effect in effects.items():
+        for beta in betas:
+            for seed in seeds:
+                row = {"dataset": dataset, "likelihood": lik, "beta": beta, "seed": seed,
+                       "latent_dim": 16}
+                for metric, value in base.items():
+                    unit = 0.1 * seed + 0.05 * math.log10(beta)  # shared by the pair
+                    row[metric] = value + unit + effect.get(metric, 0.0) + noise * rng.normal()
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+BETTER = {"test/sse": -5.0, "test/ssim": 0.1, "test/probe_accuracy": 0.05,
+          "test/frechet_distance": -3.0}
+WORSE = {k: -v for k, v in BETTER.items()}
+
+
+def claim(name):
+    return next(c for c in verdicts.CLAIMS if c.dataset == name)
+
+
+def test_supports_when_the_favoured_likelihood_wins_every_metric():
+    frame = runs("mnist", {"bernoulli": BETTER, "gaussian": {}})
+    v = verdicts.claim_verdict(frame, claim("mnist"))
+    assert v.primary.verdict == verdicts.SUPPORTS and v.verdict == verdicts.SUPPORTS
+    assert all(o.outcome == verdicts.FAVOURS for o in v.primary.outcomes)
+    assert all(o.result.n == 9 for o in v.primary.outcomes)
+    assert v.calibrated.verdict == verdicts.INSUFFICIENT  # no gaussian_learned runs
+    assert "supports “BCE suits MNIST”" in v.sentences()[0]
+
+
+def test_contradicts_when_it_loses_every_metric():
+    frame = runs("fashion", {"gaussian": WORSE, "bernoulli": {}})
+    v = verdicts.claim_verdict(frame, claim("fashion"))
+    assert v.verdict == verdicts.CONTRADICTS
+    assert all(o.outcome == verdicts.AGAINST for o in v.primary.outcomes)
+    assert "contradicts “MSE suits Fashion-MNIST”" in v.sentences()[0]
+
+
+def test_mixed_when_metrics_disagree():
+    effect = {"test/sse": -5.0, "test/probe_accuracy": -0.05}  # better SSE, worse probe
+    frame = runs("mnist", {"bernoulli": effect, "gaussian": {}})
+    v = verdicts.claim_verdict(frame, claim("mnist"))
+    outcomes = {o.metric.key: o.outcome for o in v.primary.outcomes}
+    assert outcomes["test/sse"] == verdicts.FAVOURS
+    assert outcomes["test/probe_accuracy"] == verdicts.AGAINST
+    assert outcomes["1-ssim"] == verdicts.NO_DIFFERENCE
+    assert v.verdict == verdicts.MIXED
+
+
+def test_no_significant_difference_anywhere_is_mixed_not_support():
+    frame = runs("mnist", {"bernoulli": {}, "gaussian": {}}, noise=1.0)
+    v = verdicts.claim_verdict(frame, claim("mnist"))
+    assert all(o.outcome != verdicts.FAVOURS for o in v.primary.outcomes)
+    assert v.verdict in (verdicts.MIXED, verdicts.CONTRADICTS)
+
+
+def test_insufficient_data_below_the_minimum_pairs():
+    frame = runs("mnist", {"bernoulli": BETTER, "gaussian": {}}, seeds=(0, 1), betas=(1.0,))
+    v = verdicts.claim_verdict(frame, claim("mnist"))
+    assert all(o.outcome == verdicts.INSUFFICIENT for o in v.primary.outcomes)
+    assert v.verdict == verdicts.INSUFFICIENT
+
+
+def test_insufficient_data_when_a_likelihood_was_never_run():
+    frame = runs("fashion", {"bernoulli": {}})
+    v = verdicts.claim_verdict(frame, claim("fashion"))
+    assert v.verdict == verdicts.INSUFFICIENT and v.primary.absent == ["gaussian"]
+    assert "not run" in v.primary.summary()
+
+
+def test_only_with_a_calibrated_sigma():
+    # fixed sigma^2 = 1/2 loses to BCE on Fashion-MNIST, a learned sigma beats it
+    frame = runs("fashion", {"gaussian": WORSE, "bernoulli": {}, "gaussian_learned": BETTER})
+    v = verdicts.claim_verdict(frame, claim("fashion"))
+    assert v.primary.verdict == verdicts.CONTRADICTS
+    assert v.calibrated.verdict == verdicts.SUPPORTS
+    assert v.verdict == verdicts.MIXED
+    assert any("only with a calibrated σ" in s for s in v.sentences())
+
+
+def test_metrics_not_logged_are_left_out_of_the_count():
+    frame = runs("mnist", {"bernoulli": BETTER, "gaussian": {}}).drop(
+        columns=["test/frechet_distance", "test/ssim"])
+    v = verdicts.claim_verdict(frame, claim("mnist"))
+    assert [o.metric.key for o in v.primary.outcomes] == ["test/sse", "test/probe_accuracy"]
+    assert v.verdict == verdicts.SUPPORTS
+
+
+def test_matched_rate_compares_at_equal_kl():
+    # bernoulli reaches lower SSE at every rate both curves cover
+    rows = []
+    for seed in range(3):
+        for beta, rate in ((0.1, 30.0), (1.0, 20.0), (10.0, 10.0)):
+            for lik, offset in (("bernoulli", 0.0), ("gaussian", 4.0 + seed)):
+                rows.append({"dataset": "mnist", "likelihood": lik, "beta": beta, "seed": seed,
+                             "latent_dim": 16, "test/kl": rate + offset,
+                             "test/sse": 100.0 - rate + offset})
+    v = verdicts.compare(pd.DataFrame(rows), "mnist", "bernoulli", "gaussian")
+    matched = next(o for o in v.outcomes if o.metric is verdicts.MATCHED_RATE)
+    assert matched.result.n == 3 and matched.outcome == verdicts.FAVOURS
