@@ -1,0 +1,843 @@
+"""Optuna studies over the specs, run by one or several worker processes, tracked in MLflow;
+and the command line `python -m study.runner {run,list,ui,dashboard}`.
+
+Storage and resumption. The Optuna storage defaults to `sqlite:///<repo>/mlruns/optuna.db`
+(`--storage`: a SQLAlchemy URL such as postgresql://... for several machines, or a journal
+file path for several processes on one machine). `--jobs N` starts N worker processes on that
+same storage, whatever it is: switching a SQLite default to a journal file behind the user's
+back would split one study over two stores, so SQLite stays, with a 60 s busy timeout per
+connection (trials last seconds to hours and write a few rows an epoch, so waits are short).
+Each worker gets max(1, cores // N) torch threads and one BLAS thread (numpy's OpenBLAS
+spinning beside torch's OpenMP pool slowed the sklearn probe of the test metrics 15-300x).
+RDB storages run heartbeats; a trial whose worker died is marked FAIL after the grace period,
+its MLflow run is closed FAILED, and it is re-queued with the same params
+(RetryHeartbeatStaleTrialCallback, Optuna 5's name for RetryFailedTrialCallback). A journal
+file has no heartbeats: a killed worker's trial stays RUNNING and its grid point is skipped.
+Every run is a resumption: a grid runs each point until it has one
+finished (COMPLETE or PRUNED) trial; a search runs until `trials` trials are finished. A point
+whose trial failed is tried again by the next invocation, not within the same one.
+
+Names. A spec `loss_choice` run with profile `default` is the Optuna study
+`loss_choice-default` (profiles never share trials); its MLflow experiment is `loss_choice`
+(one per study, whatever the profile), with one parent run per invocation
+(`loss_choice-default/run-<time>`, tag run_kind=study) and one child run per trial
+(`loss_choice-default/trial-0003`, run_kind=trial), both tagged study=loss_choice and
+profile=default: filter on the profile tag when several profiles share a store.
+
+Grid points are scheduled by the runner (PointSampler) rather than by Optuna's GridSampler:
+GridSampler counts a FAILED trial as a visited point (so a crash would never be retried) and,
+once every point is visited, re-runs random points instead of stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+from threadpoolctl import threadpool_limits
+
+from study.config import DEVICES
+from study.errors import UsageError
+from study.specs import PROFILES, VARIANT, Spec, describe, load_spec, spec_names, suite_names
+
+REPO = Path(__file__).resolve().parents[1]
+HEARTBEAT_S = 30
+GRACE_S = 120
+MAX_RETRY = 2
+SQLITE_BUSY_TIMEOUT_S = 60
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def default_storage(repo: Path = REPO) -> str:
+    return f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'optuna.db'}"
+
+
+def default_data_root() -> str:
+    return os.environ.get("VAE_DATA_ROOT", str(REPO / "data"))
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def check_storage(url: str) -> None:
+    """The Optuna storage must be reachable (30 s) and writable; UsageError otherwise."""
+    from study.tracking import _writable, check_database, redact
+
+    if "://" in url:
+        check_database(url, "the Optuna storage", "--storage / STORAGE=")
+    elif not _writable(Path(url).resolve().parent):
+        raise UsageError(f"journal file {redact(url)}: its folder cannot be created or written; "
+                         f"pass a writable path with --storage")
+
+
+def open_storage(url: str):
+    """An Optuna storage: RDB (with heartbeats and retries) for a URL, a journal for a path."""
+    from optuna.exceptions import ExperimentalWarning
+
+    from study.tracking import redact, sqlite_path
+
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if sqlite_path(url) is not None:
+        sqlite_path(url).resolve().parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+        if url.startswith(("postgresql", "mysql")):
+            engine_kwargs["connect_args"] = {"connect_timeout": 30}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY),
+            )
+        except Exception as exc:
+            raise UsageError(f"cannot open the Optuna storage {redact(url)} "
+                             f"({redact(str(exc).splitlines()[0])}); fix --storage") from None
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+class NoPointLeft(Exception):
+    """Another worker took the last grid point between our look and our trial."""
+
+
+class PointSampler(optuna.samplers.BaseSampler):
+    """Grid search scheduled by the runner: returns the point the runner chose (`self.point`).
+
+    A trial re-queued after its worker died already has its params and never asks.
+    """
+
+    def __init__(self):
+        self.point: dict | None = None
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if not self.point or param_name not in self.point:
+            raise NoPointLeft(f"no grid point for {param_name}")
+        return self.point[param_name]
+
+
+def make_sampler(spec: Spec, seed: int | None = None):
+    if spec.sampler == "grid":
+        return PointSampler()
+    cls = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
+           "nsga2": optuna.samplers.NSGAIISampler}[spec.sampler]
+    return cls(seed=seed, **spec.sampler_options)
+
+
+def make_pruner(spec: Spec):
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(**spec.pruner_options)
+    if spec.pruner == "hyperband":
+        options = {"min_resource": 1, "max_resource": spec.base.epochs, **spec.pruner_options}
+        return optuna.pruners.HyperbandPruner(**options)
+    return optuna.pruners.NopPruner()
+
+
+def point_key(spec: Spec, params: dict) -> tuple:
+    return tuple((d.name, params.get(d.name)) for d in spec.dimensions)
+
+
+def pending_points(spec: Spec, trials, invocation: str) -> list[dict]:
+    """Grid points with no finished trial, none running or queued, and no failure in this
+    invocation (a failed point is retried by the next invocation)."""
+    from optuna.trial import TrialState
+
+    taken = set()
+    for t in trials:
+        if (t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                        TrialState.WAITING)
+                or (t.state == TrialState.FAIL and t.user_attrs.get("invocation") == invocation)):
+            if "duplicate_of" not in t.user_attrs:
+                taken.add(point_key(spec, t.params))
+    return [p for p in spec.grid() if point_key(spec, p) not in taken]
+
+
+def count_states(trials, invocation: str | None = None) -> dict[str, int]:
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    for t in trials:
+        if invocation is None or t.user_attrs.get("invocation") == invocation:
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def _say(message: str) -> None:
+    """A line on stderr that does not break the progress bars."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+class TrialFailed(Exception):
+    """A trial failed (diverged, crashed); the study records it and goes on."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one worker needs to run one study (picklable, for spawned processes)."""
+
+    spec_ref: str
+    profile: str
+    storage: str
+    tracking_uri: str
+    experiment_id: str
+    invocation: str
+    """The parent run id of this study invocation: tags trials, links child runs."""
+    device: str = "auto"
+    threads: int | None = None
+    worker: int = 0
+    jobs: int = 1
+    data_root: str = ""
+    progress: bool = True
+
+
+class SplitsCache:
+    """Data splits loaded once per worker process, shared by trials whose data fields match."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, config, device: str):
+        from study.data import load_splits
+
+        key = (config.dataset, config.data_root, device, config.val_size, config.seed,
+               config.binarize, config.train_subset, config.test_subset)
+        if key not in self.entries:
+            self.entries[key] = load_splits(
+                config.dataset, config.data_root, device=device, val_size=config.val_size,
+                seed=config.seed, binarize=config.binarize, train_subset=config.train_subset,
+                test_subset=config.test_subset)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(key)
+        return self.entries[key]
+
+
+def _callbacks(trial, spec: Spec, config, logger, progress: bool):
+    """Tracking first (so a pruned epoch is logged), then the pruner, then the epoch bar."""
+    from study.train import Callback
+
+    class ReportToPruner(Callback):
+        """The validation objective goes to Optuna every epoch (pruners and the dashboard)."""
+
+        def on_epoch(self, epoch, metrics):
+            value = metrics[spec.metrics[0]]
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} ({spec.metrics[0]} = {value:.4g})")
+
+    class EpochBar(Callback):
+        def __init__(self):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=config.epochs, desc=f"  trial {trial.number}", unit="epoch",
+                            leave=False, disable=not progress)
+
+        def on_epoch(self, epoch, metrics):
+            self.bar.set_postfix_str(f"val/nelbo {metrics.get('val/nelbo', float('nan')):.1f}")
+            self.bar.update(1)
+
+    callbacks = [logger]
+    if len(spec.objectives) == 1:  # Optuna cannot report intermediate values of several
+        callbacks.append(ReportToPruner())
+    bar = EpochBar()
+    callbacks.append(bar)
+    return callbacks, bar.bar
+
+
+class Objective:
+    """Runs one trial: config from the spec and the trial's params, a child MLflow run,
+    training with per-epoch logging and pruning, test metrics and artifacts at the end."""
+
+    def __init__(self, spec: Spec, job: Job, tracker, cache: SplitsCache, storage_label: str):
+        self.spec, self.job, self.tracker, self.cache = spec, job, tracker, cache
+        self.storage_label = storage_label
+
+    def __call__(self, trial):
+        from study.data import dataset_digest
+        from study.tracking import environment_tags, log_trial_end
+        from study.train import NonFiniteLoss, resolve_device, train
+
+        spec, job, tracker = self.spec, self.job, self.tracker
+        try:
+            params = spec.suggest(trial)
+        except NoPointLeft as exc:
+            trial.set_user_attr("duplicate_of", -1)
+            raise TrialFailed("no grid point left for this worker") from exc
+        trial.set_user_attr("invocation", job.invocation)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if spec.sampler == "grid":
+            self._refuse_duplicate(trial, params)
+
+        config = spec.config_for(
+            params, device=job.device, threads=job.threads, data_root=job.data_root,
+            extra={"study": spec.name, "optuna_study": spec.study_name, "profile": spec.profile,
+                   "trial": trial.number},
+        )
+        device = resolve_device(config.device)
+        splits = self.cache.get(config, device)  # before the run: a data error creates no run
+        run_name = f"{spec.study_name}/trial-{trial.number:04d}"
+        t_setup = time.perf_counter()
+        tags = {
+            "study": spec.name, "profile": spec.profile,
+            "trial_number": trial.number, "run_kind": "trial",
+            "optuna_study": spec.study_name, "optuna_storage": self.storage_label,
+            "dataset": config.dataset, "dataset_digest": dataset_digest(config.dataset),
+            **environment_tags(device),
+        }
+        if VARIANT in params:
+            tags[VARIANT] = params[VARIANT]
+        run_params = config.as_params()
+        if VARIANT in params:
+            run_params[VARIANT] = params[VARIANT]
+        run_id = tracker.start_run(job.experiment_id, run_name, tags, run_params,
+                                   parent_run_id=job.invocation)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        setup_seconds = time.perf_counter() - t_setup
+
+        from study.tracking import TrialLogger
+
+        logger = TrialLogger(tracker, run_id)
+        callbacks, bar = _callbacks(trial, spec, config, logger, job.progress)
+        t_train = time.perf_counter()
+
+        def record_times(final_seconds: float = 0.0) -> dict[str, float]:
+            train_seconds = time.perf_counter() - t_train - logger.seconds - final_seconds
+            times = {"time/train_seconds": train_seconds,
+                     "time/tracking_seconds": logger.seconds,
+                     "time/tracking_total_seconds": setup_seconds + logger.seconds + final_seconds}
+            for key, value in times.items():
+                trial.set_user_attr(key.split("/", 1)[1], value)
+            return times
+
+        try:
+            result = train(config, callbacks, splits=splits)
+        except optuna.TrialPruned as exc:
+            bar.close()
+            tracker.set_tags(run_id, {"pruned": str(exc)})
+            tracker.log_metrics(run_id, record_times(), step=0)
+            tracker.end_run(run_id, "KILLED")
+            raise
+        except UsageError as exc:
+            bar.close()
+            tracker.end_run(run_id, "FAILED", reason=str(exc))
+            raise
+        except (NonFiniteLoss, Exception) as exc:  # the study goes on after a failed trial
+            bar.close()
+            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, NonFiniteLoss) \
+                else str(exc)
+            trial.set_user_attr("failure_reason", reason)
+            tracker.log_metrics(run_id, record_times(), step=0)
+            tracker.end_run(run_id, "FAILED", reason=reason)
+            _say(f"{run_name} FAILED: {reason} (the study goes on)")
+            raise TrialFailed(reason) from exc
+        except BaseException:  # interrupted: the run did not fail, it was stopped
+            bar.close()
+            tracker.end_run(run_id, "KILLED", reason="interrupted")
+            raise
+        bar.close()
+
+        values = [result.final[m] for m in spec.metrics]
+        t_final = time.perf_counter()
+        try:
+            log_trial_end(tracker, run_id, result, splits)
+        except Exception as exc:
+            tracker.end_run(run_id, "FAILED", reason=f"logging results failed: {exc}")
+            raise TrialFailed(f"logging results failed: {exc}") from exc
+        times = record_times(time.perf_counter() - t_final)
+        tracker.log_metrics(run_id, times, step=config.epochs)
+        if not all(v == v and abs(v) != float("inf") for v in values):
+            reason = f"non-finite objective {dict(zip(spec.metrics, values, strict=True))}"
+            trial.set_user_attr("failure_reason", reason)
+            tracker.end_run(run_id, "FAILED", reason=reason)
+            raise TrialFailed(reason)
+        tracker.end_run(run_id, "FINISHED")
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def _refuse_duplicate(self, trial, params) -> None:
+        """Two workers that picked the same point at once: the later trial steps aside."""
+        from optuna.trial import TrialState
+
+        key = point_key(self.spec, params)
+        for other in trial.study.get_trials(deepcopy=False):
+            if other.number == trial.number or point_key(self.spec, other.params) != key:
+                continue
+            if other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                    other.state == TrialState.RUNNING and other.number < trial.number
+                    and "duplicate_of" not in other.user_attrs):
+                trial.set_user_attr("duplicate_of", other.number)
+                raise TrialFailed(f"grid point already taken by trial {other.number}")
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def run_study_trials(job: Job, cache: SplitsCache, tracker, on_trial=None) -> None:
+    """One worker's loop over one study: trial after trial until the budget is met."""
+    from study.tracking import redact
+
+    spec = load_spec(job.spec_ref, job.profile)
+    storage = open_storage(job.storage)
+    existing = optuna.load_study(study_name=spec.study_name, storage=storage)
+    seed = spec.base.seed * 1_000_003 + len(existing.trials) * 7919 + job.worker
+    study = optuna.load_study(study_name=spec.study_name, storage=storage,
+                              sampler=make_sampler(spec, seed), pruner=make_pruner(spec))
+    objective = Objective(spec, job, tracker, cache, redact(job.storage))
+    max_failures = max(3, spec.size())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + re-queued
+    close_orphan_runs(study, tracker)
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        counts = count_states(trials)
+        if spec.sampler == "grid":
+            pending = pending_points(spec, trials, job.invocation)
+            if not pending and not counts["WAITING"]:
+                break
+            study.sampler.point = pending[job.worker % len(pending)] if pending else None
+        else:
+            if counts["COMPLETE"] + counts["PRUNED"] >= spec.trials and not counts["WAITING"]:
+                break
+            if count_states(trials, job.invocation)["FAIL"] >= max_failures:
+                print(f"{spec.study_name}: stopping after {max_failures} failed trials in this "
+                      f"run; see failure_reason on the failed runs", file=sys.stderr)
+                break
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False,
+                       show_progress_bar=False)
+        if on_trial is not None:
+            on_trial(spec.study_name)
+
+
+def close_orphan_runs(study, tracker) -> None:
+    """End as FAILED the MLflow runs of trials that failed without ending them: their worker
+    died and the heartbeat marked the trial FAIL (it is re-queued with the same params)."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        try:
+            status = tracker.client.get_run(run_id).info.status
+        except Exception:  # a run in another store, or deleted: nothing to close
+            continue
+        if status == "RUNNING":
+            tracker.end_run(run_id, "FAILED", reason="worker died (stale heartbeat); the trial "
+                                                     "was re-queued with the same params")
+
+
+def work(jobs: list[Job], on_trial=None) -> None:
+    """A worker: every study of `jobs` in order, one data cache across them."""
+    import torch
+
+    from study.tracking import Tracker
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by Objective
+    if jobs and jobs[0].threads:
+        torch.set_num_threads(jobs[0].threads)
+    cache = SplitsCache()
+    trackers: dict[str, Tracker] = {}
+    # torch's OpenMP pool does the heavy work; numpy/scipy's OpenBLAS pool, spinning beside it,
+    # made the sklearn probe of the test metrics 15-300x slower on this 2-core machine.
+    with threadpool_limits(limits=1, user_api="blas"):
+        for job in jobs:
+            tracker = trackers.setdefault(job.tracking_uri, Tracker(job.tracking_uri))
+            run_study_trials(job, cache, tracker, on_trial)
+
+
+def _worker_process(jobs: list[Job]) -> None:
+    """Entry point of a spawned worker process: exit 2 on a usage error."""
+    warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+    try:
+        work(jobs)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------- a suite run
+
+
+@dataclass
+class Prepared:
+    spec: Spec
+    job: Job
+    parent_run_id: str
+    created_parent: bool
+
+
+def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prepared:
+    """Create (or, as a --worker, find) the study, its experiment and this invocation's parent
+    run. Nothing here trains."""
+    from study.tracking import environment_tags, redact
+    from study.train import resolve_device
+
+    name = spec.study_name
+    if worker_mode:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise UsageError(f"no study {name!r} in {redact(args.storage)}; start it first with "
+                             f"`make study STUDY={spec.name} PROFILE={spec.profile}`") from None
+        experiment_id = tracker.experiment_id(spec.name, create=False)
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        if not parent:
+            raise UsageError(f"study {name!r} has no MLflow parent run; start it with "
+                             f"`make study` before joining it with `make worker`")
+        created = False
+    else:
+        study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions,
+                                    load_if_exists=True)
+        found = [d.name.lower() for d in study.directions]
+        if found != spec.directions:
+            raise UsageError(f"study {name!r} exists with directions {found}, but the spec asks "
+                             f"for {spec.directions}; rename the spec or delete the study")
+        experiment_id = tracker.experiment_id(spec.name)
+        tags = {"study": spec.name, "profile": spec.profile, "run_kind": "study",
+                "optuna_study": name, "optuna_storage": redact(args.storage),
+                "sampler": spec.sampler, "pruner": spec.pruner, "jobs": args.jobs,
+                **environment_tags(resolve_device(args.device))}
+        params = {"sampler": spec.sampler, "pruner": spec.pruner, "trials": spec.size(),
+                  "objectives": json.dumps(dict(spec.objectives)), "epochs": spec.base.epochs,
+                  "space": "; ".join(d.describe() for d in spec.dimensions)}
+        parent = tracker.start_run(experiment_id, f"{name}/run-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags, params)
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "spec.json").write_text(json.dumps(spec.table, indent=2, default=str))
+            tracker.log_artifacts(parent, Path(tmp))
+        for key, value in {"spec": spec.name, "profile": spec.profile,
+                           "mlflow_parent_run_id": parent, "mlflow_experiment_id": experiment_id,
+                           "description": spec.description}.items():
+            study.set_user_attr(key, value)
+        created = True
+    job = Job(spec_ref=str(spec.path), profile=spec.profile, storage=args.storage,
+              tracking_uri=args.tracking_uri, experiment_id=experiment_id, invocation=parent,
+              device=args.device, data_root=default_data_root(), jobs=args.jobs)
+    return Prepared(spec, job, parent, created)
+
+
+def finish_study(prep: Prepared, storage, tracker, wall: float, status: str) -> dict:
+    """Log this invocation's counts and the measured tracking overhead on the parent run."""
+    study = optuna.load_study(study_name=prep.spec.study_name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if t.user_attrs.get("invocation") == prep.job.invocation]
+    train = sum(t.user_attrs.get("train_seconds", 0.0) for t in mine)
+    tracking = sum(t.user_attrs.get("tracking_seconds", 0.0) for t in mine)
+    total = sum(t.user_attrs.get("tracking_total_seconds", 0.0) for t in mine)
+    counts = count_states(mine)
+    summary = {
+        "trials_complete": counts["COMPLETE"], "trials_pruned": counts["PRUNED"],
+        "trials_failed": counts["FAIL"],
+        "trials_finished_total": sum(count_states(trials)[s] for s in FINISHED),
+        "wall_seconds": wall, "train_seconds": train,
+        "tracking_seconds": tracking, "tracking_total_seconds": total,
+    }
+    if train > 0:
+        summary["tracking_overhead_pct"] = 100 * tracking / train
+        summary["tracking_total_overhead_pct"] = 100 * total / train
+    if prep.created_parent:
+        tracker.log_metrics(prep.parent_run_id, summary, step=0)
+        tracker.end_run(prep.parent_run_id, status)
+    return summary
+
+
+def _progress_count(storage, preps: list[Prepared]) -> int:
+    done = 0
+    for prep in preps:
+        study = optuna.load_study(study_name=prep.spec.study_name, storage=storage)
+        counts = count_states(study.get_trials(deepcopy=False))
+        done += min(prep.spec.size(), counts["COMPLETE"] + counts["PRUNED"])
+    return done
+
+
+def cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from study.tracking import Tracker, check_tracking_uri, redact
+    from study.train import resolve_device
+
+    if args.profile not in PROFILES:
+        raise UsageError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.device not in DEVICES:
+        raise UsageError(f"unknown device {args.device!r}; choose one of {', '.join(DEVICES)}")
+    if args.worker and not args.study:
+        raise UsageError("--worker joins one study: name it with --study NAME (make worker STUDY=...)")
+    names = args.study or suite_names(args.profile)
+    specs, problems = [], []
+    for name in names:
+        try:
+            specs.append(load_spec(name, args.profile))
+        except UsageError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UsageError(" | ".join(problems))
+    resolve_device(args.device)
+    args.storage = args.storage or default_storage()
+    args.tracking_uri = args.tracking_uri or os.environ.get("VAE_TRACKING_URI") \
+        or _default_tracking_uri()
+    check_tracking_uri(args.tracking_uri)
+    check_storage(args.storage)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+    storage = open_storage(args.storage)
+    tracker = Tracker(args.tracking_uri)
+    preps: list[Prepared] = []
+    try:
+        for spec in specs:
+            preps.append(prepare_study(spec, args, storage, tracker, args.worker))
+    except BaseException:
+        for prep in preps:
+            if prep.created_parent:
+                tracker.end_run(prep.parent_run_id, "FAILED", reason="the suite did not start")
+        raise
+    threads = max(1, available_cores() // args.jobs)
+    jobs = [replace(p.job, threads=threads) for p in preps]
+    total = sum(p.spec.size() for p in preps)
+    print(f"running {len(preps)} stud{'y' if len(preps) == 1 else 'ies'} "
+          f"({', '.join(p.spec.study_name for p in preps)}), profile {args.profile}, "
+          f"{args.jobs} worker process(es) x {threads} torch thread(s)\n"
+          f"  Optuna storage {redact(args.storage)}\n  MLflow tracking {redact(args.tracking_uri)}",
+          flush=True)
+    bar = tqdm(total=total, initial=_progress_count(storage, preps), desc="suite", unit="trial")
+    t0 = time.perf_counter()
+    status, code = "FINISHED", 0
+    try:
+        if args.jobs == 1:
+            def on_trial(name):
+                bar.n = _progress_count(storage, preps)
+                bar.set_description(name)
+            work(jobs, on_trial=on_trial)
+        else:
+            code = _run_processes(jobs, args.jobs, lambda: _progress_count(storage, preps), bar)
+            if code:
+                status = "FAILED"
+    except KeyboardInterrupt:
+        status, code = "KILLED", 130
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        bar.n = _progress_count(storage, preps)
+        bar.close()
+        wall = time.perf_counter() - t0
+        summaries = [finish_study(p, storage, tracker, wall, status) for p in preps]
+    for prep, summary in zip(preps, summaries, strict=True):
+        overhead = summary.get("tracking_overhead_pct")
+        print(f"{prep.spec.study_name}: {summary['trials_complete']} complete, "
+              f"{summary['trials_pruned']} pruned, {summary['trials_failed']} failed this run; "
+              f"{summary['trials_finished_total']}/{prep.spec.size()} finished"
+              + (f"; tracking {overhead:.2f}% of training time "
+                 f"({summary['tracking_total_overhead_pct']:.1f}% with artifacts)"
+                 if overhead is not None else ""))
+    print(f"took {wall:.0f} s. Look at the runs with `make ui` (MLflow, {redact(args.tracking_uri)}),"
+          f" the studies with `make dashboard` (Optuna), and the reports with `make report` "
+          f"(reports/index.html).")
+    return code
+
+
+def _default_tracking_uri() -> str:
+    from study.tracking import default_tracking_uri
+
+    return default_tracking_uri()
+
+
+def _run_processes(jobs: list[Job], n: int, progress, bar) -> int:
+    """N spawned worker processes (not threads: torch and the GIL) on the same storage."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for i in range(n):
+        worker_jobs = [replace(job, worker=i, progress=False) for job in jobs]
+        proc = ctx.Process(target=_worker_process, args=(worker_jobs,), name=f"vae-worker-{i}")
+        proc.start()
+        procs.append(proc)
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(2)
+            bar.n = progress()
+            bar.refresh()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    codes = [p.exitcode for p in procs]
+    bad = [c for c in codes if c]
+    if bad:
+        print(f"error: {len(bad)} worker process(es) exited with status {bad}; see above",
+              file=sys.stderr)
+        return 2 if 2 in bad else 1
+    return 0
+
+
+# --------------------------------------------------------------------------- other commands
+
+
+def cmd_list(args) -> int:
+    names = spec_names() if args.all else suite_names(args.profile)
+    for name in names:
+        spec = load_spec(name, args.profile)
+        print(("  " if spec.suite else "* ") + describe(spec))
+    if args.all:
+        print("(* = not in the default suite; run it with --study NAME)")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    """exec `mlflow server` over the same store and artifact folder the runner writes.
+
+    Runs written straight to the store keep the artifact folder they were created with (the
+    server reads it); experiments created through the server (runner workers given
+    `--tracking-uri http://...`, possibly on other machines) get `mlflow-artifacts:/`, which
+    the server proxies into the same folder (`--artifacts-destination`)."""
+    from study.tracking import artifact_root, check_tracking_uri, redact
+
+    uri = args.tracking_uri or _default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        raise UsageError(f"{redact(uri)} is already a tracking server: open it in a browser; "
+                         f"`ui` serves a database store (sqlite:///... or postgresql://...)")
+    check_tracking_uri(uri)
+    root = artifact_root(uri)
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", "mlflow-artifacts:/", "--artifacts-destination", root.as_uri(),
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port} over {redact(uri)} "
+          f"(artifacts in {root}); Ctrl-C stops it", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover - execv does not return
+
+
+def cmd_dashboard(args) -> int:
+    """optuna-dashboard over the Optuna storage (loopback unless --host says otherwise)."""
+    from study.tracking import redact, sqlite_path
+
+    url = args.storage or default_storage()
+    check_storage(url)
+    db = sqlite_path(url) if "://" in url else Path(url)
+    if db is not None and not db.exists():
+        raise UsageError(f"no Optuna storage at {db}; run a study first (make study) or pass "
+                         f"--storage")
+    import optuna_dashboard
+
+    storage = open_storage(url)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} over {redact(url)}; Ctrl-C stops it",
+          flush=True)
+    try:
+        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m study.runner",
+        description="Run the VAE study suite (Optuna + MLflow) and serve its UIs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the default suite (or --study NAME) for a profile",
+                         description="Run every study of the default suite (or --study NAME) "
+                                     "for --profile; resumes, never redoes a finished trial.")
+    run.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)} "
+                     "(default: default)")
+    run.add_argument("--study", action="append", metavar="NAME",
+                     help="a spec name in study/specs/ or a path to a .toml spec; repeatable "
+                          "(default: the suite)")
+    run.add_argument("--jobs", type=int, default=1,
+                     help="worker processes on the same storage (default 1); each gets "
+                          "max(1, cores // N) torch threads")
+    run.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
+    run.add_argument("--storage", help="Optuna storage: a SQLAlchemy URL (default "
+                     "sqlite:///<repo>/mlruns/optuna.db; postgresql://... for several machines) "
+                     "or a journal file path (several processes on one machine)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default "
+                     "sqlite:///<repo>/mlruns/mlflow.db, artifacts beside it; or http://host:port)")
+    run.add_argument("--worker", action="store_true",
+                     help="join an existing study on a shared storage; create nothing else")
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list the studies of the suite and their sizes",
+                         description="Print each study's sampler, space and trial budget.")
+    lst.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)}")
+    lst.add_argument("--all", action="store_true", help="every spec, not only the suite")
+    lst.set_defaults(func=cmd_list)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI over the tracking store",
+                        description="exec `mlflow server` with --backend-store-uri and the "
+                                    "artifact folder of the store.")
+    ui.add_argument("--tracking-uri", help="default sqlite:///<repo>/mlruns/mlflow.db")
+    ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback)")
+    ui.add_argument("--port", type=int, default=5000, help="default 5000")
+    ui.set_defaults(func=cmd_ui)
+
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard over the Optuna storage",
+                          description="Run optuna-dashboard over --storage.")
+    dash.add_argument("--storage", help="default sqlite:///<repo>/mlruns/optuna.db")
+    dash.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback)")
+    dash.add_argument("--port", type=int, default=8080, help="default 8080")
+    dash.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (2 with one line on stderr for bad input)."""
+    from study.tracking import redact
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argparse error (2)
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return UsageError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""MLflow tracking for studies: where runs and artifacts live, one child run per trial with
+its metrics and artifacts, and redaction of passwords in any URL we print or log.
+
+Runs are written through `MlflowClient` (no fluent active-run state, so nothing leaks between
+trials or threads). A trial's run is linked to its study invocation's parent run by the
+`mlflow.parentRunId` tag, which is exactly what `mlflow.start_run(parent_run_id=...)` writes;
+`nested=True` is never used (it makes orphans when trials run in parallel).
+
+Every logged value is per image: nats for likelihood terms (summed over pixels and latent
+dimensions, averaged over images), SSE summed over pixels and averaged over images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from study.errors import UsageError
+from study.train import Callback, TrainResult
+
+REPO = Path(__file__).resolve().parents[1]
+CONNECT_TIMEOUT_S = 30
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAG_LENGTH = 5000
+
+
+# --------------------------------------------------------------------------- redaction
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*")
+
+
+def redact(text: str) -> str:
+    """`text` with every password in URLs replaced by ***: user:pw@host and ?password=."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def default_tracking_uri(repo: Path = REPO) -> str:
+    return f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` URI (4 slashes for an absolute path), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def artifact_root(tracking_uri: str, repo: Path = REPO) -> Path | None:
+    """Where artifacts go: `artifacts/` beside a sqlite store, `<repo>/mlruns/artifacts` for
+    another database, None for a tracking server (it stores them itself)."""
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        return db.resolve().parent / "artifacts"
+    return Path(repo).resolve() / "mlruns" / "artifacts"
+
+
+def _writable(path: Path) -> bool:
+    """True when `path` could be created: its nearest existing ancestor is a writable dir."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            return parent.is_dir() and os.access(parent, os.W_OK)
+    return False
+
+
+def check_database(url: str, what: str, flag: str) -> None:
+    """Reach a SQLAlchemy database within CONNECT_TIMEOUT_S, or raise UsageError (redacted)."""
+    db = sqlite_path(url)
+    if db is not None:
+        if not _writable(db.parent):
+            raise UsageError(f"{what} {redact(url)}: folder {db.parent} cannot be created or "
+                             f"written; pass a writable path with {flag}")
+        if db.exists() and not os.access(db, os.W_OK):
+            raise UsageError(f"{what} {redact(url)} is not writable; fix its permissions or "
+                             f"pass another {flag}")
+        return
+    import sqlalchemy
+
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith(
+        ("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # any driver error means: not usable now
+        reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+        raise UsageError(f"cannot reach {what} {redact(url)} ({reason}); start the database or "
+                         f"fix {flag}") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """The tracking store must answer within CONNECT_TIMEOUT_S; raise UsageError otherwise."""
+    flag = "--tracking-uri / TRACKING_URI="
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response:
+                response.read(64)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UsageError(f"cannot reach the MLflow tracking server {redact(uri)} ({reason}); "
+                             f"start it (make ui) or fix {flag}") from None
+        return
+    if "://" not in uri or uri.startswith("file:"):
+        raise UsageError(f"tracking URI {redact(uri)} is a file store, which MLflow 3.13+ no "
+                         f"longer supports; use sqlite:///<path>/mlflow.db or http://host:port")
+    check_database(uri, "the MLflow tracking store", flag)
+
+
+@functools.cache
+def git_state(repo: str = str(REPO)) -> tuple[str, str]:
+    """(commit, dirty) of the working tree: dirty is "true" when tracked files differ."""
+    def git(*args):
+        return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+    return commit, dirty
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    commit, dirty = git_state()
+    return {"git_commit": commit, "git_dirty": dirty, "device": device,
+            "torch_version": torch.__version__}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Tracker:
+    """One MLflow store: experiments, parent and trial runs, batched logging."""
+
+    def __init__(self, tracking_uri: str, repo: Path = REPO):
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri
+        self.artifacts = artifact_root(tracking_uri, repo)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def experiment_id(self, name: str, create: bool = True) -> str:
+        """The experiment `name` (restored if deleted), created with an explicit artifact
+        location under the artifact root when `create`."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(experiment.experiment_id)
+            return experiment.experiment_id
+        if not create:
+            raise UsageError(f"no MLflow experiment {name!r} in {redact(self.uri)}; start the "
+                             f"study first (make study STUDY=...) before joining it")
+        location = None
+        if self.artifacts is not None:
+            folder = self.artifacts / re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+            location = folder.as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_run(self, experiment_id: str, name: str, tags: dict, params: dict | None = None,
+                  parent_run_id: str | None = None) -> str:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags = {k: redact(str(v))[:MAX_TAG_LENGTH] for k, v in tags.items()}
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = self.client.create_run(experiment_id, tags=tags, run_name=name)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """One log_batch call for all of `metrics` at `step` (non-numbers are skipped)."""
+        self.log_metric_rows(run_id, [(k, v, step) for k, v in metrics.items()])
+
+    def log_metric_rows(self, run_id: str, rows: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        items = [Metric(k, float(v), now, int(s)) for k, v, s in rows
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))[:MAX_TAG_LENGTH])
+                                            for k, v in tags.items()])
+
+    def end_run(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """End a run FINISHED, KILLED (pruned, interrupted; `reason` as `stop_reason`) or
+        FAILED (`reason` as `failure_reason`)."""
+        if reason:
+            self.set_tags(run_id, {"failure_reason" if status == "FAILED" else "stop_reason": reason})
+        self.client.set_terminated(run_id, status=status, end_time=_now_ms())
+
+    def log_artifacts(self, run_id: str, folder: Path) -> None:
+        self.client.log_artifacts(run_id, str(folder))
+
+
+class TrialLogger(Callback):
+    """Logs a trial's curves to its run, one log_batch call per step, and times itself.
+
+    Per epoch (step = epoch number): every key of the engine's epoch metrics (train/*, val/*,
+    val/kl_dim_<jj>, beta, lr, epoch_seconds, likelihood/sigma). Within the first epoch, every
+    `step_log_every` optimizer steps (step = global step): `step/train_recon`, `step/train_kl`
+    and `step/beta`. These keys are distinct from the per-epoch `train/recon`, `train/kl` and
+    `beta` on purpose: one metric key must have one x-axis, and mixing global steps with epoch
+    numbers in one series would make the curves unreadable. The engine hands the first-epoch
+    steps over together after that epoch, so they are sent in one batch, before the epoch's.
+
+    `seconds` is the wall time spent inside this callback: the tracking cost during training.
+    """
+
+    STEP_KEYS = {"train/recon": "step/train_recon", "train/kl": "step/train_kl",
+                 "beta": "step/beta"}
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+        self.seconds = 0.0
+        self._pending: list[tuple[str, float, int]] = []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        t = time.perf_counter()
+        self._pending += [(self.STEP_KEYS.get(k, f"step/{k}"), v, step) for k, v in metrics.items()]
+        self.seconds += time.perf_counter() - t
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        t = time.perf_counter()
+        if self._pending:
+            self.tracker.log_metric_rows(self.run_id, self._pending)
+            self._pending = []
+        self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+        self.seconds += time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- final results
+
+
+def final_metrics(result: TrainResult) -> dict[str, float]:
+    """`test/<key>` for every key the engine's test evaluation returns, plus quantities that
+    only exist at the end (the SSE-equivalent beta of a learned Gaussian sigma)."""
+    out = {f"test/{k}": v for k, v in result.test.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    config = result.config
+    if config.likelihood == "gaussian_learned" and result.final.get("likelihood/sigma"):
+        sigma = result.final["likelihood/sigma"]
+        out["likelihood/sse_equivalent_beta"] = 2 * sigma**2 * config.beta
+    return out
+
+
+def write_artifacts(result: TrainResult, splits, folder: Path) -> list[str]:
+    """The trial's figures and checkpoint into `folder`; returns the file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model, likelihood, config = result.model, result.likelihood, result.config
+    model.eval()
+    with torch.no_grad():
+        x = splits.test.served(epoch=0)
+        mu, _ = model.encode(x)
+        labels = splits.test.labels
+        recon_grid(model, likelihood, x[:16], folder / "reconstructions.png")
+        sample_grid(model, likelihood, 64, config.seed, folder / "samples.png")
+    model.train()
+    kl_heatmap(result.history, folder / "kl_per_dimension.png")
+    latent_pca(mu.cpu(), labels.cpu(), folder / "latent_pca.png")
+    save_checkpoint(result, folder / "checkpoint.pt")
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _as_images(batch: torch.Tensor) -> torch.Tensor:
+    return batch.detach().float().clamp(0, 1).cpu()
+
+
+def recon_grid(model, likelihood, x: torch.Tensor, path: Path) -> None:
+    """Test images (top row) above their mean reconstructions (bottom row)."""
+    from torchvision.utils import save_image
+
+    mu, _ = model.encode(x)
+    recon = likelihood.mean(model.decode(mu))
+    save_image(_as_images(torch.cat([x, recon])), path, nrow=len(x), padding=2, pad_value=1.0)
+
+
+def sample_grid(model, likelihood, n: int, seed: int, path: Path) -> None:
+    """Means of p(x|z) for z drawn from the prior N(0, I) (seeded)."""
+    from torchvision.utils import save_image
+
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed + 31)
+    z = torch.randn(n, model.latent_dim, generator=gen, device=device)
+    images = likelihood.mean(model.decode(z))
+    save_image(_as_images(images), path, nrow=int(math.sqrt(n)), padding=2, pad_value=1.0)
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure without pyplot's global state (safe in any thread, cheap)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def kl_heatmap(history: list[dict[str, float]], path: Path) -> None:
+    """Validation KL of each latent dimension (rows) over epochs (columns), nats per image."""
+    keys = sorted(k for k in history[0] if k.startswith("val/kl_dim_"))
+    values = torch.tensor([[h[k] for h in history] for k in keys])
+    width, height = max(4.0, 0.4 * len(history) + 2.5), max(3.0, 0.06 * len(keys) + 1.5)
+    fig = _figure(width, height)
+    ax = fig.add_subplot()
+    image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+                      extent=(0.5, len(history) + 0.5, len(keys) - 0.5, -0.5))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("latent dimension")
+    ax.set_title("validation KL per dimension")
+    fig.colorbar(image, ax=ax, label="nats per image")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.subplots_adjust(left=0.7 / width, bottom=0.55 / height, right=1 - 0.5 / width,
+                        top=1 - 0.35 / height)
+    fig.savefig(path, dpi=90)
+
+
+def latent_pca(means: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+    """The test posterior means projected on their first two principal components."""
+    centred = means - means.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    coords = centred @ v[:2].T
+    if coords.shape[1] == 1:  # a 1-D latent space: plot it against zero
+        coords = torch.cat([coords, torch.zeros_like(coords)], 1)
+    fig = _figure(5, 4.5)
+    ax = fig.add_subplot()
+    scatter = ax.scatter(coords[:, 0].numpy(), coords[:, 1].numpy(), c=labels.numpy(),
+                         cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
+    fig.colorbar(scatter, ax=ax, ticks=range(10), label="class")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("test posterior means (PCA)")
+    fig.subplots_adjust(left=0.12, bottom=0.12, right=0.95, top=0.92)
+    fig.savefig(path, dpi=80)
+
+
+def save_checkpoint(result: TrainResult, path: Path) -> None:
+    """Plain types only, so `torch.load(path, weights_only=True)` reads it back."""
+    torch.save({
+        "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "likelihood_state": {k: v.detach().cpu() for k, v in result.likelihood.state_dict().items()},
+        "config": dataclasses.asdict(result.config),
+    }, path)
+
+
+def log_trial_end(tracker: Tracker, run_id: str, result: TrainResult, splits) -> None:
+    """Test metrics (one batch) and artifacts of a finished trial."""
+    tracker.log_metrics(run_id, final_metrics(result), step=result.config.epochs)
+    with tempfile.TemporaryDirectory(prefix="vae-artifacts-") as tmp:
+        write_artifacts(result, splits, Path(tmp))
+        tracker.log_artifacts(run_id, Path(tmp))
