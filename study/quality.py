@@ -15,6 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from study import classifier
 from study.config import Config
@@ -94,8 +95,11 @@ def probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
         StandardScaler(),
         LogisticRegression(max_iter=PROBE_MAX_ITER, random_state=PROBE_SEED),
     )
-    probe.fit(train_features, train_labels)
-    return float(probe.score(test_features, test_labels))
+    # one BLAS thread: numpy's pool and torch's fight over the cores otherwise (measured 2 s
+    # becoming 52 s after torch had run on this 2-core machine)
+    with threadpool_limits(limits=1, user_api="blas"):
+        probe.fit(train_features, train_labels)
+        return float(probe.score(test_features, test_labels))
 
 
 def frechet_distance_from_stats(mean_a: np.ndarray, cov_a: np.ndarray,
@@ -106,10 +110,11 @@ def frechet_distance_from_stats(mean_a: np.ndarray, cov_a: np.ndarray,
     (C_a C_b) has real non-negative eigenvalues; sqrtm may return tiny imaginary parts from
     rounding, so the real part is kept, as in pytorch-fid.
     """
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(cov_a)) * SQRTM_OFFSET
-        covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    with threadpool_limits(limits=1, user_api="blas"):
+        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(cov_a)) * SQRTM_OFFSET
+            covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     diff = mean_a - mean_b
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean.real))
 
