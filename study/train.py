@@ -130,37 +130,36 @@ class Trainer:
         self.global_step = 0
 
     def run_epoch(self) -> tuple[dict[str, float], torch.Tensor, list[float]]:
-        """Train one epoch. Returns the epoch's train metrics, the per-step (loss, recon, kl,
-        batch size) on the CPU, and the beta of every step. Raises NonFiniteLoss."""
+        """Train one epoch. Returns the epoch's train metrics, the per-step (loss, recon, kl)
+        on the CPU, and the beta of every step. Raises NonFiniteLoss."""
         config, bs, n = self.config, self.config.batch_size, len(self.splits.train)
         t_epoch = time.perf_counter()
         lr = lr_at(config, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x_all = self.splits.train.served(self.epoch)
         perm = torch.randperm(n, device=self.device, generator=self.generator)
-        stats = torch.empty(self.steps_per_epoch, 4, device=self.device)
+        x_all = self.splits.train.served(self.epoch)[perm]  # one gather; batches are views
+        stats = torch.empty(self.steps_per_epoch, 3, device=self.device)
         betas = [beta_at(config, self.global_step + i, self.steps_per_epoch)
                  for i in range(self.steps_per_epoch)]
         for i in range(self.steps_per_epoch):
-            x = x_all[perm[i * bs:(i + 1) * bs]]
+            x = x_all[i * bs:(i + 1) * bs]
             terms = self.step_fn(x, betas[i], self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             self.optimizer.step()
-            stats[i, 0] = terms["loss"].detach()
-            stats[i, 1] = terms["recon"].detach()
-            stats[i, 2] = terms["kl"].detach()
-            stats[i, 3] = x.shape[0]
+            stats[i] = torch.stack([terms["loss"], terms["recon"], terms["kl"]]).detach()
         stats = stats.cpu()  # the epoch's one synchronization
-        bad = (~torch.isfinite(stats[:, :3])).any(1).nonzero()
+        bad = (~torch.isfinite(stats)).any(1).nonzero()
         if len(bad):
             i = int(bad[0])
             raise NonFiniteLoss(
                 f"non-finite loss at epoch {self.epoch + 1} step {self.global_step + i + 1} "
                 f"(step {i + 1} of the epoch; lr {lr:g}, beta {betas[i]:g})"
             )
-        w = stats[:, 3] / stats[:, 3].sum()  # the last batch may be smaller
+        sizes = torch.full((self.steps_per_epoch,), float(bs))
+        sizes[-1] = n - bs * (self.steps_per_epoch - 1)  # the last batch may be smaller
+        w = sizes / n
         loss, recon, kl = (float((stats[:, j] * w).sum()) for j in range(3))
         self.epoch += 1
         self.global_step += self.steps_per_epoch
