@@ -513,3 +513,34 @@ def test_module_entry_point_help():
     assert result.returncode == 0
     for option in ("--tracking-uri", "--out", "--ui-url", "--data-root", "--collapse-threshold"):
         assert option in result.stdout
+
+
+def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch):
+    """`make study PROFILE=smoke` then `make report`: the real runner's runs, not the fixture's."""
+    from study import runner
+
+    monkeypatch.setenv("VAE_DATA_ROOT", str(data_root))
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    uri = f"sqlite:///{stores / 'mlflow.db'}"
+    assert runner.main(["run", "--profile", "smoke", "--device", "cpu",
+                        "--storage", f"sqlite:///{stores / 'optuna.db'}",
+                        "--tracking-uri", uri]) == 0
+    out = tmp_path / "reports"
+    assert report.main(["--tracking-uri", uri, "--out", str(out), "--ui-url", UI,
+                        "--data-root", str(data_root)]) == 0
+    for page in PAGES:
+        tables = parsed(out / f"{page}.html")
+        assert tables.cells
+        assert not [c for c in tables.cells if re.search(r"\b(nan|NaN|inf|None)\b", c)]
+    for page in ("loss_choice", "kl_dynamics"):
+        srcs = parsed(out / f"{page}.html").images
+        assert srcs
+        for src in srcs:
+            pixels = decoded(base64.b64decode(src.split(",", 1)[1]))
+            assert pixels[..., :3].std() > 0.01, "a blank figure"
+    text = (out / "loss_choice.md").read_text()
+    assert "Verdicts" in text and "profile" in text.lower()
+    seen = inspect_page(out / "loss_choice.html", ARTIFACTS / "report-smoke-loss_choice.png")
+    assert not seen["console_errors"] and not seen["exceptions"] and not seen["log_errors"], seen
+    assert all(width > 0 and height > 0 for _, width, height in seen["images"]), seen["images"]
