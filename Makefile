@@ -44,7 +44,7 @@ worker: setup data ## join a running study on a shared STORAGE / TRACKING_URI (S
 	$(PY) -m study.runner run --worker $(STORES) --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY))
 
 report: setup ## build reports/ (index, loss choice, KL dynamics) from the MLflow runs
-	$(PY) -m analysis.report --tracking-uri '$(TRACKING_URI)' --out reports
+	$(PY) -m analysis.report --tracking-uri '$(TRACKING_URI)' --profile $(PROFILE) --out reports
 
 ui: setup ## serve the MLflow UI on HOST:PORT (default 127.0.0.1:5000)
 	$(PY) -m study.runner ui --tracking-uri '$(TRACKING_URI)' --host $(HOST) --port $(or $(PORT),5000)

@@ -101,9 +101,11 @@ def study_rows(store: RunStore, ui_url: str) -> list[dict]:
 
 def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
                   data_root: Path = Path("data"),
-                  collapse_threshold: float = kl_dynamics.COLLAPSE_THRESHOLD) -> list[Path]:
-    """Read the runs, build both reports and the index under `out`; the paths written."""
-    store = load_runs(tracking_uri)
+                  collapse_threshold: float = kl_dynamics.COLLAPSE_THRESHOLD,
+                  profile: str | None = None) -> list[Path]:
+    """Read the runs (of `profile`, when given), build both reports and the index under
+    `out`; the paths written."""
+    store = load_runs(tracking_uri, profile)
     html_env, md_env = environments()
 
     def render_md(name, **values):
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=kl_dynamics.COLLAPSE_THRESHOLD,
                         help="KL (nats) below which a latent dimension counts as collapsed "
                              f"(default: {kl_dynamics.COLLAPSE_THRESHOLD})")
+    parser.add_argument("--profile", default=None,
+                        help="only runs of this study profile (smoke, default, full); "
+                             "default: every run in the store")
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.collapse_threshold > 0:
             raise UsageError(f"--collapse-threshold must be > 0, got {args.collapse_threshold}")
         written = build_reports(uri, args.out, args.ui_url, args.data_root,
-                                args.collapse_threshold)
+                                args.collapse_threshold, args.profile)
     except UsageError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return UsageError.exit_code

@@ -175,8 +175,9 @@ class RunStore:
         return None
 
 
-def load_runs(tracking_uri: str) -> RunStore:
-    """Every trial run in the store at `tracking_uri`; UsageError when there are none."""
+def load_runs(tracking_uri: str, profile: str | None = None) -> RunStore:
+    """Every trial run in the store at `tracking_uri` (only those tagged with `profile`, when
+    given, so smoke and default runs in one store are not mixed); UsageError when none."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -194,6 +195,17 @@ def load_runs(tracking_uri: str) -> RunStore:
         with _tracking_uri(tracking_uri):
             raw = mlflow.search_runs(experiment_ids=list(names), output_format="pandas")
     frame = tidy(raw, names)
+    if profile is not None and not frame.empty:
+        tagged = frame.get("tag/profile")
+        kept = frame[tagged == profile] if tagged is not None else frame.iloc[0:0]
+        if kept.empty:
+            found = sorted(tagged.dropna().unique()) if tagged is not None else []
+            raise UsageError(
+                f"no trial runs of profile {profile!r} in {redact(tracking_uri)} (found: "
+                f"{', '.join(found) or 'none'}); run `make study PROFILE={profile}` or pass "
+                f"PROFILE=<one of those>"
+            )
+        frame = kept.reset_index(drop=True)
     if frame.empty:
         raise UsageError(
             f"no trial runs in {redact(tracking_uri)}; run `make study` "

@@ -527,8 +527,12 @@ def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch):
                         "--storage", f"sqlite:///{stores / 'optuna.db'}",
                         "--tracking-uri", uri]) == 0
     out = tmp_path / "reports"
+    # another profile's runs are not mixed in: asking for one the store lacks is an error
+    assert report.main(["--tracking-uri", uri, "--out", str(tmp_path / "none"),
+                        "--profile", "default"]) == 2
+    assert not (tmp_path / "none" / "index.html").exists()
     assert report.main(["--tracking-uri", uri, "--out", str(out), "--ui-url", UI,
-                        "--data-root", str(data_root)]) == 0
+                        "--data-root", str(data_root), "--profile", "smoke"]) == 0
     for page in PAGES:
         tables = parsed(out / f"{page}.html")
         assert tables.cells
