@@ -11,7 +11,6 @@ tags as `tag/<name>` (`tag/git_commit`, `tag/profile`).
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +19,11 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from study.errors import UsageError
+from study.tracking import redact  # one redaction for everything written or printed
 
 FINISHED = "FINISHED"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@")
-_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*")
-
-
-def redact(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://user:***@host` and `?password=...` ->
-    `?password=***`, anywhere in `text`."""
-    return _QUERY_SECRET.sub(r"\g<key>***", _PASSWORD.sub(r"\g<head>***@", text))
 
 
 def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
