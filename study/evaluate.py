@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from study import quality
 from study.config import Config
 from study.data import Split
 from study.likelihoods import Likelihood
@@ -87,9 +88,5 @@ def evaluate_test(model: VAE, likelihood: Likelihood, splits, config: Config) ->
         seed=config.seed + 23,
     )
     out["iwae_k"] = config.test_iw_k
-    try:
-        from study import quality
-    except ImportError:  # pragma: no cover - quality metrics land separately
-        return out
     out.update(quality.quality_metrics(model, likelihood, splits, config))
     return out
