@@ -148,7 +148,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             self.optimizer.step()
-            stats[i] = torch.stack([terms["loss"], terms["recon"], terms["kl"]]).detach()
+            with torch.no_grad():  # statistics only: no autograd node per step
+                stats[i] = torch.stack([terms["loss"], terms["recon"], terms["kl"]])
         stats = stats.cpu()  # the epoch's one synchronization
         bad = (~torch.isfinite(stats)).any(1).nonzero()
         if len(bad):
