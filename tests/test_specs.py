@@ -110,8 +110,11 @@ def test_burda2016_follows_the_paper():
     assert c.epochs == burda_epochs(8) == 3280 and c.test_iw_k == 5000
     assert default.base.epochs == burda_epochs(3) == 13
     assert smoke.base.epochs == 1
-    assert not full.suite and [d.name for d in full.dimensions] == ["seed"]
-    assert full.size() == 3
+    # the two one-stochastic-layer rows of Table 1 (VAE k = 1, IWAE k = 50), Adam's betas of
+    # the authors' code
+    assert not full.suite and [d.name for d in full.dimensions] == ["seed", "variant"]
+    assert c.adam_betas == (0.99, 0.999)
+    assert full.size() == 6  # 3 seeds x 2 rows
 
 
 def test_smoke_profile_is_tiny():
