@@ -250,21 +250,26 @@ class Split:
         """All images as float32 in [0, 1] on the device."""
         return self.images.float().div_(255.0)
 
-    def served(self, epoch: int = 0):
-        """The images as the model sees them in `epoch`, float32 in [0, 1] (or {0, 1}).
+    def served(self, epoch: int = 0, order=None):
+        """The images as the model sees them in `epoch`, float32 in [0, 1] (or {0, 1}),
+        optionally in `order` (an index tensor).
 
         `static` uses one fixed Bernoulli sample per image (seeded); `dynamic` a fresh one
-        per epoch (Burda et al. 2016 train MNIST this way).
+        per epoch (Burda et al. 2016 train MNIST this way). Grey images are gathered as uint8
+        before conversion (a quarter of the copying); binary draws are made in storage order,
+        so an image's static sample does not depend on `order`.
         """
         import torch
 
-        x = self.grey()
         if self.binarize == "none":
-            return x
+            images = self.images if order is None else self.images[order]
+            return images.float().div_(255.0)
+        x = self.grey()
         draw_seed = self.seed if self.binarize == "static" else self.seed * 100_003 + epoch + 1
         gen = torch.Generator(device=x.device).manual_seed(draw_seed)
         u = torch.rand(x.shape, generator=gen, device=x.device)
-        return (u < x).float()
+        binary = (u < x).float()
+        return binary if order is None else binary[order]
 
 
 @dataclass

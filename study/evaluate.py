@@ -47,7 +47,7 @@ def evaluate_elbo(
         sums["recon"] += float(terms["recon"]) * b
         sums["kl"] += float(terms["kl"]) * b
         kl_dim += terms["kl_dim"] * b
-        mu, _ = model.encode(x)
+        mu = terms["mu"]
         means.append(mu)
         recon_mean = likelihood.mean(model.decode(mu))
         sums["sse"] += float((recon_mean - x).square().flatten(1).sum(1).sum())

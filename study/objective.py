@@ -70,6 +70,7 @@ def elbo_terms(
     nelbo   = recon + kl
     loss    = recon + beta * kl (with free bits), or for k > 1 the beta-weighted IWAE bound
     kl_dim  = (Z,) KL of each latent dimension
+    mu      = (B, Z) posterior means, detached (evaluation reuses them; no second encode)
     """
     mu, logvar = model.encode(x)
     kl_dim = gaussian_kl(mu, logvar)
@@ -94,6 +95,7 @@ def elbo_terms(
         "kl": kl_mean,
         "nelbo": recon + kl_mean,
         "kl_dim": kl_dim.mean(0),
+        "mu": mu.detach(),
     }
 
 

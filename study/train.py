@@ -138,7 +138,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         perm = torch.randperm(n, device=self.device, generator=self.generator)
-        x_all = self.splits.train.served(self.epoch)[perm]  # one gather; batches are views
+        x_all = self.splits.train.served(self.epoch, perm)  # one gather; batches are views
         stats = torch.empty(self.steps_per_epoch, 3, device=self.device)
         betas = [beta_at(config, self.global_step + i, self.steps_per_epoch)
                  for i in range(self.steps_per_epoch)]
