@@ -92,7 +92,7 @@ def open_storage(url: str):
     """An Optuna storage: RDB (with heartbeats and retries) for a URL, a journal for a path."""
     from optuna.exceptions import ExperimentalWarning
 
-    from study.tracking import redact, sqlite_path
+    from study.tracking import redact, sqlite_path, tune_sqlite
 
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
@@ -102,6 +102,7 @@ def open_storage(url: str):
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if sqlite_path(url) is not None:
         sqlite_path(url).resolve().parent.mkdir(parents=True, exist_ok=True)
+        tune_sqlite()
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
@@ -291,7 +292,7 @@ class Objective:
 
     def __call__(self, trial):
         from study.data import dataset_digest
-        from study.tracking import environment_tags, log_trial_end
+        from study.tracking import environment_tags, final_metrics, log_trial_artifacts
         from study.train import NonFiniteLoss, resolve_device, train
 
         spec, job, tracker = self.spec, self.job, self.tracker
@@ -375,13 +376,14 @@ class Objective:
 
         values = [result.final[m] for m in spec.metrics]
         t_final = time.perf_counter()
-        try:
-            log_trial_end(tracker, run_id, result, splits)
+        try:  # artifacts, then the test metrics and times in one batch
+            log_trial_artifacts(tracker, run_id, result, splits)
+            final = final_metrics(result)
+            final.update(record_times(time.perf_counter() - t_final))
+            tracker.log_metrics(run_id, final, step=config.epochs)
         except Exception as exc:
             tracker.end_run(run_id, "FAILED", reason=f"logging results failed: {exc}")
             raise TrialFailed(f"logging results failed: {exc}") from exc
-        times = record_times(time.perf_counter() - t_final)
-        tracker.log_metrics(run_id, times, step=config.epochs)
         if not all(v == v and abs(v) != float("inf") for v in values):
             reason = f"non-finite objective {dict(zip(spec.metrics, values, strict=True))}"
             trial.set_user_attr("failure_reason", reason)

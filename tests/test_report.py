@@ -12,6 +12,7 @@ import io
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -452,13 +453,24 @@ def test_pages_render_in_chromium(built, page):
         assert HOSTILE in seen["text"]  # the escaped name reads as the literal string
 
 
+def copy_store(uri: str, dest: Path) -> Path:
+    """A consistent copy of the SQLite store at `uri` through SQLite's backup API: the stores run
+    in WAL mode, so recent commits may still sit in the -wal file a plain file copy misses."""
+    source = sqlite3.connect(uri[len("sqlite:///"):])
+    target = sqlite3.connect(dest)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    return dest
+
+
 def test_partial_store_builds_and_lists_what_is_missing(store, data_root, tmp_path):
     from mlflow import MlflowClient
 
     uri, ids = store
-    source = Path(uri[len("sqlite:///"):])
-    copy = tmp_path / "mlflow.db"
-    shutil.copy(source, copy)
+    copy = copy_store(uri, tmp_path / "mlflow.db")
     partial = f"sqlite:///{copy}"
     client = MlflowClient(tracking_uri=partial)
     for study in ("kl_dynamics", "search_mnist"):
@@ -484,8 +496,7 @@ def test_an_empty_or_missing_store_is_a_one_line_error(store, tmp_path, capsys):
     from mlflow import MlflowClient
 
     uri, ids = store
-    copy = tmp_path / "empty.db"
-    shutil.copy(Path(uri[len("sqlite:///"):]), copy)
+    copy = copy_store(uri, tmp_path / "empty.db")
     for experiment_id in ids.values():  # a store with experiments but no trial runs
         MlflowClient(tracking_uri=f"sqlite:///{copy}").delete_experiment(experiment_id)
     missing = tmp_path / "nowhere" / "mlflow.db"
