@@ -303,6 +303,7 @@ class Objective:
             raise TrialFailed("no grid point left for this worker") from exc
         trial.set_user_attr("invocation", job.invocation)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker_process", worker_process(trial.number))
         if spec.sampler == "grid":
             self._refuse_duplicate(trial, params)
 
@@ -425,6 +426,7 @@ def run_study_trials(job: Job, cache: SplitsCache, tracker, on_trial=None) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning
         optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + re-queued
+        fail_dead_local_trials(study, tracker)  # this host's dead workers: at once
     close_orphan_runs(study, tracker)
     while True:
         trials = study.get_trials(deepcopy=False)
@@ -461,6 +463,97 @@ def close_orphan_runs(study, tracker) -> None:
         if status == "RUNNING":
             tracker.end_run(run_id, "FAILED", reason="worker died (stale heartbeat); the trial "
                                                      "was re-queued with the same params")
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of process `pid`, from /proc/<pid>/stat
+    (fields 3 and 22 of proc(5)); None when there is no such process or no /proc (not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name in (...) may hold spaces
+    return fields[0], int(fields[19])
+
+
+def _machine_id() -> str | None:
+    """This kernel boot and pid namespace, so that two workers whose hosts share a name
+    (containers with host networking) never judge each other's pids; None off Linux."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def worker_process(trial_number: int) -> dict:
+    """The process running trial `trial_number`, as a user attr: host and pid, and on Linux
+    the boot, pid namespace and start time (a pid reused by a new process is not the worker).
+    The trial number tells this record from the copy a re-queued trial inherits."""
+    stat = _proc_stat(os.getpid())
+    return {"trial": trial_number, "host": socket.gethostname(), "pid": os.getpid(),
+            "machine": _machine_id(), "started": stat[1] if stat else None}
+
+
+def _process_gone(owner: dict) -> bool:
+    """True when the worker process `owner` (a worker_process record of this machine) ended."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the pid exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, run by another user
+        pass
+    if owner.get("started") is None:  # no /proc: the pid alone decides
+        return False
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] in ("Z", "X") or stat[1] != owner["started"]
+
+
+def fail_dead_local_trials(study, tracker) -> list[int]:
+    """Fail at once the RUNNING trials whose worker process ran on this machine and is gone
+    (SIGKILL, out of memory), end their MLflow runs FAILED and re-queue them with the same
+    params, as the heartbeat does after GRACE_S (a journal file has no heartbeat at all).
+    Trials of other hosts, and trials with no worker_process record, wait for the heartbeat.
+    Returns the failed trial numbers."""
+    import copy
+
+    from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage  # as optuna.storages.fail_stale_trials does
+    host, machine = socket.gethostname(), _machine_id()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("worker_process")
+        if (not isinstance(owner, dict) or owner.get("trial") != trial.number
+                or owner.get("host") != host or owner.get("machine") != machine
+                or not _process_gone(owner)):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another process failed it first
+            continue
+        failed.append(trial.number)
+        reason = f"worker process {owner['pid']} on {host} died"
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                running = tracker.client.get_run(run_id).info.status == "RUNNING"
+            except Exception:  # a run in another store, or deleted: nothing to close
+                running = False
+            if running:
+                tracker.end_run(run_id, "FAILED", reason=f"{reason}; the trial was re-queued "
+                                                         f"with the same params")
+        retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+        _say(f"{study.study_name}: trial {trial.number} FAILED: {reason} (re-queued)")
+    return failed
 
 
 def work(jobs: list[Job], on_trial=None) -> None:
