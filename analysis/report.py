@@ -1,6 +1,7 @@
 """Entry point: MLflow runs -> reports/. `python -m analysis.report --tracking-uri URI --out DIR`
 writes index.html, loss_choice.html/.md and kl_dynamics.html/.md (figures of the Markdown
-under DIR/figures/). The HTML is self-contained: figures are embedded, nothing is fetched.
+under DIR/figures/), and reproduction.html/.md when the store has finished burda2016 runs.
+The HTML is self-contained: figures are embedded, nothing is fetched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from analysis import kl_dynamics, loss_choice, tables
+from analysis import kl_dynamics, loss_choice, reproduction, tables
 from analysis.runs import FINISHED, RunStore, load_runs, redact
 from study.errors import UsageError
 
@@ -103,8 +104,8 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
                   data_root: Path = Path("data"),
                   collapse_threshold: float = kl_dynamics.COLLAPSE_THRESHOLD,
                   profile: str | None = None) -> list[Path]:
-    """Read the runs (of `profile`, when given), build both reports and the index under
-    `out`; the paths written."""
+    """Read the runs (of `profile`, when given), build the reports (the reproduction only
+    when its runs exist) and the index under `out`; the paths written."""
     store = load_runs(tracking_uri, profile)
     html_env, md_env = environments()
 
@@ -116,12 +117,16 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
         store, ui_url, evidence, data_problem, render_md))
     kl_report = kl_dynamics.build(kl_dynamics.Context(
         store, ui_url, render_md, collapse_threshold))
+    reports = [loss_report, kl_report]
+    repro_report = reproduction.build(reproduction.Context(store, render_md))
+    if repro_report is not None:
+        reports.append(repro_report)
 
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     written = []
-    for report in (loss_report, kl_report):
+    for report in reports:
         report.number_figures()
         for fig in report.figures():
             fig.name = f"{report.name}-{fig.name}"
@@ -135,7 +140,7 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
     for m in loss_report.missing + kl_report.missing:
         missing.setdefault(m.what, m)
     index = html_env.get_template("index.html.j2").render(
-        reports=[loss_report, kl_report], verdicts=verdict_rows,
+        reports=reports, verdicts=verdict_rows,
         studies=study_rows(store, ui_url),
         built_from=tables.provenance(store, sorted(set(store.frame["study"]))),
         missing=list(missing.values()))
@@ -147,7 +152,8 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.report",
-        description="Build the analysis reports (index, loss choice, KL dynamics) from the "
+        description="Build the analysis reports (index, loss choice, KL dynamics, and the "
+                    "Burda et al. 2016 reproduction when its runs exist) from the "
                     "MLflow runs of the studies. Builds from whatever studies have run and "
                     "lists what is missing; an empty store is an error (exit status 2).")
     parser.add_argument("--tracking-uri", default=None,

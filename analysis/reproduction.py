@@ -1,0 +1,316 @@
+"""Reproduction of Burda, Grosse & Salakhutdinov 2016 (IWAE), Table 1, one stochastic layer on
+MNIST: the paper's test NLL next to ours from the `burda2016` runs, the budget behind ours, and
+a verdict computed from both. Every number is nats per image: -log p(x) estimated by the
+k-sample importance-weighted bound, summed over the pixels, averaged over the test images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from analysis import stats, tables
+from analysis.blocks import Markdown, Report, Section, Table, Text
+from analysis.runs import RunStore
+from study.config import burda_epochs
+
+STUDY = "burda2016"
+PAPER = "Burda, Grosse & Salakhutdinov 2016, Importance Weighted Autoencoders (ICLR 2016)"
+SCHEDULE_STAGES = 8
+"""Stages i = 0..7 of the paper's schedule; stage i has 3^i passes."""
+PAPER_EPOCHS = burda_epochs(SCHEDULE_STAGES)
+"""3,280 passes over the training set."""
+PAPER_TEST_K = 5000
+"""Importance samples of the paper's test bound."""
+MNIST_TRAIN_IMAGES = 60_000
+MNIST_TEST_IMAGES = 10_000
+MNIST_PIXELS = 28 * 28
+TOLERANCE_NATS = 1.0
+"""A row is reproduced when the full budget was used and |ours - paper| is at most this."""
+REPRODUCED = "reproduced (within 1 nat)"
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of Table 1 (one stochastic layer, MNIST) and the spec variant that trains it."""
+
+    variant: str
+    label: str
+    train_k: int
+    nll: float
+    """The paper's test NLL, nats per image (k = 5000 on the 10,000 test images)."""
+
+
+TABLE1 = (
+    PaperRow("vae", "VAE (k = 1)", 1, 86.76),
+    PaperRow("iwae_k50", "IWAE (k = 50)", 50, 84.78),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the runs behind one row actually used (the smallest value across their runs)."""
+
+    epochs: int
+    train_images: int
+    train_images_available: int
+    """Training images left after the validation carve (59,600 with 400 held out)."""
+    test_k: int
+    test_images: int
+
+    @property
+    def full(self) -> bool:
+        """The paper's whole schedule on all training images, k = 5000 on all test images."""
+        return (self.epochs >= PAPER_EPOCHS and self.train_images >= self.train_images_available
+                and self.test_k >= PAPER_TEST_K and self.test_images >= MNIST_TEST_IMAGES)
+
+    def shortfalls(self) -> list[str]:
+        """Each way this budget falls short of the paper's, as a phrase."""
+        out = []
+        if self.epochs < PAPER_EPOCHS:
+            out.append(f"shortened schedule: {self.epochs:,} of {PAPER_EPOCHS:,} epochs")
+        if self.train_images < self.train_images_available:
+            out.append(f"trained on {self.train_images:,} of {self.train_images_available:,} images")
+        if self.test_k < PAPER_TEST_K:
+            out.append(f"test bound with k = {self.test_k:,}, not {PAPER_TEST_K:,}")
+        if self.test_images < MNIST_TEST_IMAGES:
+            out.append(f"evaluated on {self.test_images:,} of {MNIST_TEST_IMAGES:,} test images")
+        return out
+
+
+@dataclass(frozen=True)
+class Row:
+    """The paper's number for one Table 1 row next to ours across seeds."""
+
+    paper: PaperRow
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    """Finished runs (seeds) behind `mean`."""
+    budget: Budget | None
+
+    @property
+    def gap(self) -> float:
+        """ours - paper, nats per image; positive means our bound is looser."""
+        return self.mean - self.paper.nll
+
+
+def nats(value: float) -> str:
+    """A value in nats as the page prints it: two decimals, like Table 1."""
+    return f"{value:.2f}" if math.isfinite(value) else "—"
+
+
+def signed_nats(value: float) -> str:
+    return f"{value:+.2f}" if math.isfinite(value) else "—"
+
+
+def ours_text(row: Row) -> str:
+    """`mean [lo, hi]` (95% t-interval over seeds), or `value (1 seed)`."""
+    if row.n == 0:
+        return "—"
+    if row.n == 1:
+        return f"{nats(row.mean)} (1 seed)"
+    return f"{nats(row.mean)} [{nats(row.lo)}, {nats(row.hi)}]"
+
+
+def verdict(row: Row) -> str:
+    """Reproduced only with the paper's full budget and a gap of at most 1 nat either way;
+    otherwise what was run and why the gap does not count."""
+    if row.n == 0 or row.budget is None:
+        return "no finished runs"
+    if not row.budget.full:
+        return ("not a reproduction yet: " + "; ".join(row.budget.shortfalls())
+                + "; the gap is not comparable")
+    if abs(row.gap) <= TOLERANCE_NATS:
+        return REPRODUCED
+    return (f"not reproduced: the full budget was used and the gap of {signed_nats(row.gap)} nats "
+            f"is not within 1 nat")
+
+
+# --------------------------------------------------------------------------- from the runs
+
+
+def _variant(runs: pd.DataFrame) -> pd.Series:
+    """The spec variant of each run: the `variant` param, else the tag."""
+    for col in ("variant", "tag/variant"):
+        if col in runs:
+            return runs[col].astype(str)
+    return pd.Series("", index=runs.index)
+
+
+def _int_or(value, default: int) -> int:
+    """An integer param, or `default` where it is None (the whole split)."""
+    return default if value is None or pd.isna(value) or value in ("None", "") else int(value)
+
+
+def budget_of(runs: pd.DataFrame) -> Budget:
+    """The smallest budget among `runs`: a row is as far along as its shortest run."""
+    train, available, test = [], [], []
+    for r in runs.to_dict("records"):
+        left = MNIST_TRAIN_IMAGES - int(r["val_size"])
+        available.append(left)
+        train.append(min(_int_or(r.get("train_subset"), left), left))
+        test_split = _int_or(r.get("test_subset"), MNIST_TEST_IMAGES)
+        test.append(min(_int_or(r.get("test_iw_images"), test_split), test_split))
+    return Budget(epochs=int(runs["epochs"].min()), train_images=min(train),
+                  train_images_available=min(available), test_k=int(runs["test_iw_k"].min()),
+                  test_images=min(test))
+
+
+def rows_of(runs: pd.DataFrame) -> list[Row]:
+    """One Row per Table 1 row from the finished runs of the study."""
+    variants = _variant(runs)
+    out = []
+    for paper in TABLE1:
+        mine = runs[variants == paper.variant]
+        ci = stats.mean_ci(mine["test/iwae_nll"]) if "test/iwae_nll" in mine else \
+            stats.mean_ci([])
+        budget = budget_of(mine) if not mine.empty else None
+        out.append(Row(paper, ci["mean"], ci["lo"], ci["hi"], ci["n"], budget))
+    return out
+
+
+def stages_text(epochs: int) -> str:
+    """How much of the schedule `epochs` passes cover: `3 of 8 stages`, plus any part stage."""
+    done = max(s for s in range(SCHEDULE_STAGES + 1) if burda_epochs(s) <= epochs)
+    text = f"{done} of {SCHEDULE_STAGES} stages"
+    extra = epochs - burda_epochs(done)
+    if done < SCHEDULE_STAGES and extra > 0:
+        text += f" and {extra:,} of the {3 ** done:,} passes of stage {done}"
+    return text
+
+
+def duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def run_seconds(store: RunStore, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run: `wall` (end - start of the MLflow run: training, evaluation and logging) and
+    `train` (the runner's `time/train_seconds`, training alone; NaN where not logged)."""
+    client = store.client
+    wall = []
+    for run_id in runs["run_id"]:
+        info = client.get_run(run_id).info
+        ok = info.start_time and info.end_time
+        wall.append((info.end_time - info.start_time) / 1000 if ok else math.nan)
+    train = runs["time/train_seconds"] if "time/train_seconds" in runs else math.nan
+    return pd.DataFrame({"wall": wall, "train": train}, index=runs.index)
+
+
+def _time_text(seconds: pd.Series) -> str:
+    s = seconds.dropna()
+    if s.empty:
+        return "—"
+    if len(s) == 1:
+        return duration(float(s.iloc[0]))
+    return (f"{duration(float(s.sum()))} ({duration(float(s.min()))}–{duration(float(s.max()))} "
+            f"per run)")
+
+
+def machine_text(runs: pd.DataFrame) -> str:
+    """device, machine (CPU or GPU model, where the runs were tagged with it) and torch."""
+    def tag(name):
+        col = f"tag/{name}"
+        return tables.values_text(runs[col]) if col in runs else None
+
+    parts = [tag("device") or "device not tagged"]
+    if tag("machine"):
+        parts[0] += f" ({tag('machine')})"
+    parts.append(f"torch {tag('torch_version') or '—'}")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Context:
+    store: RunStore
+    render_md: Callable[..., str]
+
+
+def table1(rows: list[Row]) -> Table:
+    return Table(
+        ["Table 1 row", "paper (nats)", "ours (nats)", "gap, ours − paper (nats)", "seeds",
+         "verdict"],
+        [[r.paper.label, nats(r.paper.nll), ours_text(r), signed_nats(r.gap) if r.n else "—",
+          str(r.n), verdict(r)] for r in rows],
+        caption=f"Test NLL on MNIST, one stochastic layer: −log p(x) estimated by the k-sample "
+                f"importance-weighted bound, nats per image (summed over the {MNIST_PIXELS} "
+                f"pixels, averaged over the test images); ours is the mean over seeds with a 95% "
+                f"t-interval. The paper: k = {PAPER_TEST_K:,} on all {MNIST_TEST_IMAGES:,} test "
+                f"images.")
+
+
+def budget_table(rows: list[Row], runs: pd.DataFrame, seconds: pd.DataFrame) -> Table:
+    variants = _variant(runs)
+    body = []
+    for r in rows:
+        if r.budget is None:
+            continue
+        b, mine = r.budget, variants == r.paper.variant
+        body.append([
+            r.paper.label, f"{b.epochs:,} of {PAPER_EPOCHS:,}", stages_text(b.epochs),
+            f"{b.train_images:,} of {b.train_images_available:,}", f"{b.test_k:,}",
+            f"{b.test_images:,} of {MNIST_TEST_IMAGES:,}", _time_text(seconds.loc[mine, "wall"]),
+            _time_text(seconds.loc[mine, "train"]), machine_text(runs[mine]),
+        ])
+    return Table(
+        ["Table 1 row", "epochs (passes)", "schedule covered", "training images", "test k",
+         "test images", "wall time: sum (per run)", "of which training", "machine"], body,
+        caption=f"The budget behind our numbers (the shortest run of each row). The paper: "
+                f"{PAPER_EPOCHS:,} epochs ({SCHEDULE_STAGES} stages, stage i has 3^i passes), "
+                f"k = {PAPER_TEST_K:,} on {MNIST_TEST_IMAGES:,} test images. Wall time is each "
+                f"MLflow run's start to end (training, test evaluation, logging).")
+
+
+def budget_line(rows: list[Row]) -> str:
+    """One sentence: the epochs used against the paper's, and the evaluation."""
+    parts = []
+    for r in rows:
+        if r.budget is not None:
+            b = r.budget
+            parts.append(f"{r.paper.label}: {b.epochs:,} of {PAPER_EPOCHS:,} epochs "
+                         f"({stages_text(b.epochs)}) on {b.train_images:,} training images, "
+                         f"tested with k = {b.test_k:,} on {b.test_images:,} test images")
+    return "Budget used: " + "; ".join(parts) + "."
+
+
+def build(ctx: Context) -> Report | None:
+    """The reproduction page, or None when the store has no finished burda2016 runs."""
+    store = ctx.store
+    runs = store.finished(STUDY)
+    if runs.empty:
+        return None
+    rows = rows_of(runs)
+    seconds = run_seconds(store, runs)
+    verdicts = [f"{r.paper.label}: {verdict(r)}." for r in rows]
+    sections = [
+        Section("Table 1", [table1(rows), Text(budget_line(rows))]),
+        Section("Verdict", [Text(v) for v in verdicts]),
+        Section("Budget", [budget_table(rows, runs, seconds), Text(
+            f"All runs together: {_time_text(seconds['wall'])} wall time on "
+            f"{machine_text(runs)}.")]),
+        Section("Where this code differs from the paper", [Markdown(ctx.render_md(
+            "reproduction_differences.md.j2", pixels=MNIST_PIXELS))]),
+    ]
+    ours = "; ".join(f"{r.paper.label} {ours_text(r)} against {nats(r.paper.nll)}" for r in rows)
+    distinct = {verdict(r) for r in rows}
+    said = f"Both rows: {distinct.pop()}." if len(distinct) == 1 else " ".join(verdicts)
+    summary = (f"Table 1 of {PAPER}, one stochastic layer on MNIST, test NLL in nats per image. "
+               f"Ours: {ours}. {said}")
+    machines = tables.values_text(runs["tag/machine"]) if "tag/machine" in runs else "not tagged"
+    return Report("reproduction", "Reproduction: Burda et al. 2016, Table 1", summary,
+                  tables.provenance(store, [STUDY], extra=[("machine", machines)]), sections)
