@@ -50,10 +50,12 @@ class VAE(nn.Module):
         return out.reshape(*z.shape[:-1], *self.image_shape)
 
     @staticmethod
-    def sample(mu, logvar, k: int | None = None, generator=None) -> torch.Tensor:
-        """Reparameterized z = mu + sigma * eps; with `k`, shape (k, B, latent_dim)."""
-        shape = mu.shape if k is None else (k, *mu.shape)
-        eps = torch.randn(shape, device=mu.device, dtype=mu.dtype, generator=generator)
+    def sample(mu, logvar, k: int | None = None, generator=None, eps=None) -> torch.Tensor:
+        """Reparameterized z = mu + sigma * eps; with `k`, shape (k, B, latent_dim). `eps`, when
+        given, is the standard normal noise itself (drawn by the caller, same shape)."""
+        if eps is None:
+            shape = mu.shape if k is None else (k, *mu.shape)
+            eps = torch.randn(shape, device=mu.device, dtype=mu.dtype, generator=generator)
         return mu + (0.5 * logvar).exp() * eps
 
 

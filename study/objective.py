@@ -62,8 +62,11 @@ def elbo_terms(
     free_bits: float = 0.0,
     iw_samples: int = 1,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """ELBO components of a batch, each averaged over images (nats per image).
+    `beta` may be a float or a 0-dim tensor; `eps`, when given, is the reparameterization noise
+    ((B, Z), or (k, B, Z) for k > 1) in place of a draw from `generator`.
 
     recon   = -E_q[log p(x|z)]  (distortion; one sample per image, or the mean over k)
     kl      = KL(q(z|x) || p(z)) in closed form (rate), summed over latent dims
@@ -76,12 +79,12 @@ def elbo_terms(
     kl_dim = gaussian_kl(mu, logvar)
     kl = kl_dim.sum(1)
     if iw_samples == 1:
-        z = model.sample(mu, logvar, generator=generator)
+        z = model.sample(mu, logvar, generator=generator, eps=eps)
         log_px = likelihood.log_prob(x, model.decode(z))
         recon = -log_px.mean()
         loss = recon + beta * free_bits_kl(kl_dim, free_bits)
     else:
-        z = model.sample(mu, logvar, k=iw_samples, generator=generator)  # (k, B, Z)
+        z = model.sample(mu, logvar, k=iw_samples, generator=generator, eps=eps)  # (k, B, Z)
         log_px = likelihood.log_prob(
             x.expand(iw_samples, *x.shape).flatten(0, 1), model.decode(z).flatten(0, 1)
         ).view(iw_samples, -1)

@@ -213,17 +213,50 @@ def train(
     return result
 
 
-def _compiled_step(model: VAE, likelihood: Likelihood, config: Config):
-    """The forward pass of one step, optionally through torch.compile (falls back cleanly)."""
+class _Step:
+    """The forward pass of one training step: `step(x, beta, generator)` -> elbo_terms.
 
-    def step(x, beta, gen):
-        return elbo_terms(model, likelihood, x, beta=beta, free_bits=config.free_bits,
-                          iw_samples=config.iw_samples, generator=gen)
+    With `config.compile`, the pure part runs through torch.compile (Inductor fuses the
+    elementwise tail of encoder, KL, reparameterization and likelihood, forward and backward).
+    What would break its graph stays outside: the noise is drawn here from the generator, in
+    the same order and shape as the eager path draws it, and beta goes in as a 0-dim tensor so
+    that a warm-up schedule does not recompile for every new value. If compiling fails (no
+    compiler on this platform), the first step says so once and the run goes on eagerly with
+    the same noise: slower, never different.
+    """
 
-    if not config.compile:
-        return step
-    try:
-        compiled = torch.compile(step, dynamic=False)
-    except Exception:  # compile unavailable on this platform: eager is correct, only slower
-        return step
-    return compiled
+    def __init__(self, model: VAE, likelihood: Likelihood, config: Config):
+        self.model, self.likelihood, self.config = model, likelihood, config
+        self.compiled = None
+        self.dtype = next(model.parameters()).dtype
+        if config.compile:
+            self.compiled = torch.compile(self._pure, dynamic=False)
+
+    def _pure(self, x, eps, beta):
+        return elbo_terms(self.model, self.likelihood, x, beta=beta,
+                          free_bits=self.config.free_bits, iw_samples=self.config.iw_samples,
+                          eps=eps)
+
+    def __call__(self, x, beta, generator):
+        if self.compiled is None:
+            return elbo_terms(self.model, self.likelihood, x, beta=beta,
+                              free_bits=self.config.free_bits,
+                              iw_samples=self.config.iw_samples, generator=generator)
+        k, z = self.config.iw_samples, self.config.latent_dim
+        shape = (len(x), z) if k == 1 else (k, len(x), z)
+        eps = torch.randn(shape, device=x.device, dtype=self.dtype, generator=generator)
+        beta = torch.as_tensor(beta, dtype=eps.dtype, device=eps.device)
+        try:
+            return self.compiled(x, eps, beta)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, once
+            import warnings
+
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training "
+                          f"eagerly", RuntimeWarning, stacklevel=2)
+            self.compiled = None
+            return self._pure(x, eps, beta)
+
+
+def _compiled_step(model: VAE, likelihood: Likelihood, config: Config) -> _Step:
+    """The step function of a Trainer (compiled where `config.compile` asks and it works)."""
+    return _Step(model, likelihood, config)
