@@ -36,7 +36,7 @@ def test_bench_quick_writes_every_figure(data_root, tmp_path):
     numbers = dict(_numbers(result))
     for key in ("seconds_per_epoch.ours", "seconds_per_epoch.ours_compiled",
                 "seconds_per_epoch.baseline", "fraction_of_peak_compiled",
-                "test_nelbo.ours_compiled",
+                "test_nelbo.ours_compiled", "model_gemm_gflops",
                 "images_per_second.ours", "matmul_peak_gflops", "achieved_gflops",
                 "test_nelbo.ours", "test_nelbo.baseline", "tracking.tracking_overhead_pct",
                 "iwae_eval.images_per_second", "trials_per_hour.jobs_1", "trials_per_hour.jobs_2"):
