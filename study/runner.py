@@ -837,8 +837,9 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", "mlflow-artifacts:/", "--artifacts-destination", root.as_uri(),
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI on http://{args.host}:{args.port} over {redact(uri)} "
-          f"(artifacts in {root}); Ctrl-C stops it", flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType="
+          f"machine_learning over {redact(uri)} (artifacts in {root}); Ctrl-C stops it",
+          flush=True)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover - execv does not return
 

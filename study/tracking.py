@@ -30,7 +30,11 @@ from study.errors import UsageError
 from study.train import Callback, TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
-CONNECT_TIMEOUT_S = 30
+CONNECT_TIMEOUT_S = 15
+"""Seconds to wait for a database or tracking server before the one-line error: with the
+interpreter and imports, an unreachable store is reported within the 30 s the issue allows."""
+EXPERIMENT_KIND = "mlflow.experimentKind"
+"""The experiment tag MLflow's UI reads to choose its model-training view over the GenAI one."""
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAG_LENGTH = 5000
@@ -220,7 +224,9 @@ class Tracker:
         if self.artifacts is not None:
             folder = self.artifacts / re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
             location = folder.as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        # MLflow 3's UI opens experiments in its GenAI view unless told they train models
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={EXPERIMENT_KIND: "custom_model_development"})
 
     def start_run(self, experiment_id: str, name: str, tags: dict, params: dict | None = None,
                   parent_run_id: str | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import re
@@ -210,7 +211,10 @@ IMAGES_JS = """Promise.all(Array.from(document.images).map(img => img.decode().t
     () => [img.alt, img.naturalWidth, img.naturalHeight])))"""
 
 
-async def _inspect(page: Path, screenshot: Path | None, width: int = 1280) -> dict:
+@contextlib.asynccontextmanager
+async def chromium_page(width: int = 1280, height: int = 1000):
+    """A headless Chromium (a throwaway profile) with one page attached over the DevTools
+    protocol, Page/Runtime/Log/Network events on: yields (DevTools, session id)."""
     import aiohttp
 
     if not Path(CHROMIUM).exists():
@@ -241,28 +245,12 @@ async def _inspect(page: Path, screenshot: Path | None, width: int = 1280) -> di
             for domain in ("Page", "Runtime", "Log", "Network"):
                 await cdp.send(f"{domain}.enable", session=sid)
             await cdp.send("Emulation.setDeviceMetricsOverride", {
-                "width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
                 session=sid)
-            await cdp.send("Page.navigate", {"url": page.as_uri()}, session=sid)
-            await cdp.wait_for("Page.loadEventFired")
-            images = (await cdp.send("Runtime.evaluate", {
-                "expression": IMAGES_JS, "awaitPromise": True, "returnByValue": True},
-                session=sid))["result"]["value"]
-            text = (await cdp.send("Runtime.evaluate", {
-                "expression": "document.body.textContent", "returnByValue": True},
-                session=sid))["result"]["value"]
-            if screenshot is not None:
-                height = (await cdp.send("Runtime.evaluate", {
-                    "expression": "document.documentElement.scrollHeight",
-                    "returnByValue": True}, session=sid))["result"]["value"]
-                shot = await cdp.send("Page.captureScreenshot", {
-                    "format": "png", "captureBeyondViewport": True,
-                    "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 16000),
-                             "scale": 1}}, session=sid)
-                screenshot.parent.mkdir(parents=True, exist_ok=True)
-                screenshot.write_bytes(base64.b64decode(shot["data"]))
-            await asyncio.sleep(0.2)  # let late console messages arrive
-            cdp.reader.cancel()
+            try:
+                yield cdp, sid
+            finally:
+                cdp.reader.cancel()
     finally:
         proc.terminate()
         try:
@@ -270,6 +258,35 @@ async def _inspect(page: Path, screenshot: Path | None, width: int = 1280) -> di
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+async def evaluate(cdp, sid, expression: str):
+    """The value of a JavaScript expression in the page (promises awaited)."""
+    reply = await cdp.send("Runtime.evaluate", {
+        "expression": expression, "awaitPromise": True, "returnByValue": True}, session=sid)
+    return reply["result"].get("value")
+
+
+async def save_screenshot(cdp, sid, path: Path, clip: dict | None = None) -> None:
+    params = {"format": "png", "captureBeyondViewport": clip is not None}
+    if clip is not None:
+        params["clip"] = clip
+    shot = await cdp.send("Page.captureScreenshot", params, session=sid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+async def _inspect(page: Path, screenshot: Path | None, width: int = 1280) -> dict:
+    async with chromium_page(width) as (cdp, sid):
+        await cdp.send("Page.navigate", {"url": page.as_uri()}, session=sid)
+        await cdp.wait_for("Page.loadEventFired")
+        images = await evaluate(cdp, sid, IMAGES_JS)
+        text = await evaluate(cdp, sid, "document.body.textContent")
+        if screenshot is not None:
+            height = await evaluate(cdp, sid, "document.documentElement.scrollHeight")
+            await save_screenshot(cdp, sid, screenshot, {
+                "x": 0, "y": 0, "width": width, "height": min(height, 16000), "scale": 1})
+        await asyncio.sleep(0.2)  # let late console messages arrive
     events = cdp.events
     return {
         "images": images,

@@ -5,6 +5,7 @@ asked over its REST API."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -131,6 +132,8 @@ def test_one_parent_run_and_one_linked_child_run_per_trial(e2e):
     assert metrics["trials_failed"] == 1
     assert math.isfinite(metrics["tracking_overhead_pct"]) and metrics["tracking_overhead_pct"] > 0
     assert e2e["client"].list_artifacts(parent.info.run_id)[0].path == "spec.json"
+    experiment = e2e["client"].get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_trials_and_runs_link_both_ways(e2e):
@@ -258,6 +261,56 @@ def serving(args: list[str], ready_path: str, log_path: Path):
         log.close()
 
 
+async def _wait_for_text(cdp, sid, wanted: list[str], timeout: float = 90) -> list[str]:
+    """Poll the page's text until every string of `wanted` shows; the ones still missing."""
+    from test_report import evaluate
+
+    missing = wanted
+    for _ in range(int(timeout * 2)):
+        text = await evaluate(cdp, sid, "document.body ? document.body.innerText : ''") or ""
+        missing = [w for w in wanted if w not in text]
+        if not missing:
+            break
+        await asyncio.sleep(0.5)
+    return missing
+
+
+async def look_at_the_ui(base: str, experiment_id: str, run_id: str) -> dict:
+    """The MLflow UI in headless Chromium, as a user meets it: the experiment's runs list shows
+    the study's parent run; a trial's metric page, filtered to `nelbo`, draws the train and
+    validation curves (each chart's legend names its metric key). Screenshots of both go to
+    test-artifacts/."""
+    from test_report import ARTIFACTS as SHOTS
+    from test_report import chromium_page, evaluate, save_screenshot
+
+    ml = "?workflowType=machine_learning"  # MLflow 3 opens its GenAI view otherwise
+    async with chromium_page(1400, 2000) as (cdp, sid):
+        await cdp.send("Page.navigate", {"url": f"{base}/#/experiments/{experiment_id}/runs{ml}"},
+                       session=sid)
+        runs_page = not await _wait_for_text(cdp, sid, ["e2e-smoke/run-"])
+        await save_screenshot(cdp, sid, SHOTS / "mlflow-ui-runs.png")
+        await cdp.send("Page.navigate", {
+            "url": f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics{ml}"},
+            session=sid)
+        focus = ("(() => { const i = document.querySelector('input[placeholder^=Search]');"
+                 " if (i) { i.focus(); } return !!i; })()")
+        for _ in range(180):
+            if await evaluate(cdp, sid, focus):
+                break
+            await asyncio.sleep(0.5)
+        await cdp.send("Input.insertText", {"text": "nelbo"}, session=sid)
+        missing = await _wait_for_text(cdp, sid, ["(train/nelbo)", "(val/nelbo)"])
+        points = 0  # plotly's markers: 2 epochs of train and val, 1 test value
+        for _ in range(180):
+            points = await evaluate(cdp, sid, "document.querySelectorAll('.scatterlayer "
+                                              ".point').length")
+            if points >= 5:
+                break
+            await asyncio.sleep(0.5)
+        await save_screenshot(cdp, sid, SHOTS / "mlflow-ui-trial-nelbo.png")
+    return {"runs_page": runs_page, "missing_curves": missing, "points_drawn": points}
+
+
 def test_a_real_mlflow_server_serves_the_runs_over_rest(e2e, tmp_path):
     uri = f"sqlite:///{e2e['folder']}/mlflow.db"
     with serving(["ui", "--tracking-uri", uri], "/health", tmp_path / "server.log") as base:
@@ -273,6 +326,10 @@ def test_a_real_mlflow_server_serves_the_runs_over_rest(e2e, tmp_path):
         listed = http_json(base + "/api/2.0/mlflow/artifacts/list?"
                            + urllib.parse.urlencode({"run_id": trial_run}))
         assert {f["path"] for f in listed["files"]} == ARTIFACTS
+        seen = asyncio.run(look_at_the_ui(base, e2e["experiment"].experiment_id, trial_run))
+        assert seen["runs_page"], "the study's runs are not listed in the MLflow UI"
+        assert not seen["missing_curves"], seen  # the ELBO curves of the trial are drawn
+        assert seen["points_drawn"] >= 5, seen
 
         # the same server as the tracking URI of a study: runs and artifacts go through it
         spec = tmp_path / "remote.toml"
