@@ -9,7 +9,6 @@ import collections
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import optuna
 import psycopg2
 import pytest
 from mlflow import MlflowClient
+from test_study import free_port, stop
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
@@ -47,12 +47,6 @@ epochs = 2
 BETAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 ARTIFACTS = {"checkpoint.pt", "kl_per_dimension.png", "latent_pca.png", "reconstructions.png",
              "samples.png"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def as_postgres(*args: str) -> None:
@@ -89,17 +83,6 @@ def postgres():
 
 def pg_url(port: int, database: str, scheme: str = "postgresql+psycopg2") -> str:
     return f"{scheme}://{USER}:{PASSWORD}@127.0.0.1:{port}/{database}"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the process group of `proc` (TERM, then KILL)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

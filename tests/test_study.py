@@ -252,13 +252,19 @@ def serving(args: list[str], ready_path: str, log_path: Path):
             time.sleep(1)
         yield base
     finally:
+        stop(proc)
+        log.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the process group of `proc` (TERM, then KILL after 30 s)."""
+    if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 async def _wait_for_text(cdp, sid, wanted: list[str], timeout: float = 90) -> list[str]:
