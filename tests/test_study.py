@@ -332,6 +332,7 @@ def test_a_real_mlflow_server_serves_the_runs_over_rest(e2e, tmp_path):
         listed = http_json(base + "/api/2.0/mlflow/artifacts/list?"
                            + urllib.parse.urlencode({"run_id": trial_run}))
         assert {f["path"] for f in listed["files"]} == ARTIFACTS
+        assert listening_on(int(base.rsplit(":", 1)[1])) == {"127.0.0.1"}  # the default
         seen = asyncio.run(look_at_the_ui(base, e2e["experiment"].experiment_id, trial_run))
         assert seen["runs_page"], "the study's runs are not listed in the MLflow UI"
         assert not seen["missing_curves"], seen  # the ELBO curves of the trial are drawn
@@ -359,6 +360,33 @@ def test_optuna_dashboard_serves_the_study(e2e, tmp_path):
                  tmp_path / "dashboard.log") as base:
         studies = http_json(base + "/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["e2e-smoke"]
+        assert listening_on(int(base.rsplit(":", 1)[1])) == {"127.0.0.1"}
+
+
+def listening_on(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port`, from /proc/net/tcp{,6}."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+@pytest.mark.parametrize("command", ["ui", "dashboard"])
+def test_the_servers_listen_on_loopback_unless_host_says_otherwise(e2e, tmp_path, command):
+    store = ["--tracking-uri", f"sqlite:///{e2e['folder']}/mlflow.db"] if command == "ui" else \
+        ["--storage", f"sqlite:///{e2e['folder']}/optuna.db"]
+    ready = "/health" if command == "ui" else "/api/studies"
+    with serving([command, *store, "--host", "0.0.0.0"], ready, tmp_path / "any.log") as base:
+        assert listening_on(int(base.rsplit(":", 1)[1])) == {"0.0.0.0"}  # asked for: all
 
 
 RESUME = """
