@@ -486,13 +486,43 @@ def _machine_id() -> str | None:
         return None
 
 
-def worker_process(trial_number: int) -> dict:
-    """The process running trial `trial_number`, as a user attr: host and pid, and on Linux
-    the boot, pid namespace and start time (a pid reused by a new process is not the worker).
-    The trial number tells this record from the copy a re-queued trial inherits."""
+def this_process() -> dict:
+    """This process as a record others can judge alive or gone: host and pid, and on Linux the
+    boot, pid namespace and start time (a pid reused by a new process is not this one)."""
     stat = _proc_stat(os.getpid())
-    return {"trial": trial_number, "host": socket.gethostname(), "pid": os.getpid(),
-            "machine": _machine_id(), "started": stat[1] if stat else None}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine_id(),
+            "started": stat[1] if stat else None}
+
+
+def worker_process(trial_number: int) -> dict:
+    """The process running trial `trial_number`, as a user attr (see this_process). The trial
+    number tells this record from the copy a re-queued trial inherits."""
+    return {"trial": trial_number, **this_process()}
+
+
+def _gone_here(owner) -> bool:
+    """True when `owner` (a this_process record) ran on this machine and has ended."""
+    return (isinstance(owner, dict) and owner.get("host") == socket.gethostname()
+            and owner.get("machine") == _machine_id() and _process_gone(owner))
+
+
+def close_dead_parent_runs(tracker, experiment_id: str) -> list[str]:
+    """End KILLED the study runs (one per invocation) left RUNNING by a runner process of this
+    machine that died (SIGKILL, out of memory); the run ids closed. Other machines' runs are
+    left alone: their processes cannot be judged from here."""
+    closed = []
+    for run in tracker.client.search_runs(
+            [experiment_id], "tags.run_kind = 'study' and attributes.status = 'RUNNING'",
+            max_results=1000):
+        try:
+            owner = json.loads(run.data.tags.get("runner_process", "null"))
+        except ValueError:
+            continue
+        if _gone_here(owner):
+            tracker.end_run(run.info.run_id, "KILLED",
+                            reason=f"the runner process {owner['pid']} on {owner['host']} died")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def _process_gone(owner: dict) -> bool:
@@ -524,16 +554,14 @@ def fail_dead_local_trials(study, tracker) -> list[int]:
     from optuna.trial import TrialState
 
     storage = study._storage  # as optuna.storages.fail_stale_trials does
-    host, machine = socket.gethostname(), _machine_id()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get("worker_process")
-        if (not isinstance(owner, dict) or owner.get("trial") != trial.number
-                or owner.get("host") != host or owner.get("machine") != machine
-                or not _process_gone(owner)):
+        if not isinstance(owner, dict) or owner.get("trial") != trial.number \
+                or not _gone_here(owner):
             continue
         try:
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
@@ -541,7 +569,7 @@ def fail_dead_local_trials(study, tracker) -> list[int]:
         except UpdateFinishedTrialError:  # another process failed it first
             continue
         failed.append(trial.number)
-        reason = f"worker process {owner['pid']} on {host} died"
+        reason = f"worker process {owner['pid']} on {owner['host']} died"
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             try:
@@ -625,7 +653,9 @@ def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prep
             raise UsageError(f"study {name!r} exists with directions {found}, but the spec asks "
                              f"for {spec.directions}; rename the spec or delete the study")
         experiment_id = tracker.experiment_id(spec.name)
+        close_dead_parent_runs(tracker, experiment_id)
         tags = {"study": spec.name, "profile": spec.profile, "run_kind": "study",
+                "runner_process": json.dumps(this_process()),
                 "optuna_study": name, "optuna_storage": redact(args.storage),
                 "sampler": spec.sampler, "pruner": spec.pruner, "jobs": args.jobs,
                 **environment_tags(resolve_device(args.device))}

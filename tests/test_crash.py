@@ -152,6 +152,14 @@ def test_a_study_killed_mid_trial_resumes_with_every_point_once(tmp_path, data_e
     assert statuses.pop(run_id) == "FAILED"
     assert set(statuses.values()) == {"FINISHED"}
     assert client.get_run(retried.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+    parents = client.search_runs([experiment.experiment_id], "tags.run_kind = 'study'")
+    assert len(parents) == 2  # one per invocation
+    (killed_parent,) = [p for p in parents if p.info.run_id != study.user_attrs[
+        "mlflow_parent_run_id"]]
+    assert killed_parent.info.status == "KILLED"  # not RUNNING forever
+    assert (f"the runner process {proc.pid} on {socket.gethostname()} died"
+            == killed_parent.data.tags["stop_reason"])
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
 
     assert integrity(optuna_db) == "ok"
     assert integrity(mlflow_db) == "ok"
