@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import os
 import re
 import sys
@@ -31,11 +30,15 @@ def default_tracking_uri() -> str:
 # --------------------------------------------------------------------------- rendering
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]])")
+_MD_ENTITY_START = re.compile(r"&(?=#?[A-Za-z0-9]+;)")
 
 
 def md_escape(text) -> str:
-    """A user or generated string as literal Markdown text: HTML and emphasis disarmed."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+    """A user or generated string as literal Markdown text: HTML tags and emphasis disarmed.
+    An ampersand is escaped only where it would start a character reference (`&lt;`), so
+    "Grosse & Salakhutdinov" stays readable in the .md file and renders the same."""
+    text = _MD_ENTITY_START.sub("&amp;", str(text)).replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text)
 
 
 def md_cell(text) -> str:

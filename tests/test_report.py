@@ -334,6 +334,27 @@ def built(store, data_root, tmp_path_factory):
 PAGES = ("index", "loss_choice", "kl_dynamics")
 
 
+class HtmlText(HTMLParser):
+    """The text of an HTML fragment with character references resolved, and its tags."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.text, self.tags = "", []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_data(self, data):
+        self.text += data
+
+    @classmethod
+    def of(cls, fragment: str) -> tuple[str, list[str]]:
+        parser = cls()
+        parser.feed(fragment)
+        parser.close()
+        return parser.text, parser.tags
+
+
 class _Tables(HTMLParser):
     """Cells of every <table>, and the src of every <img>."""
 
@@ -454,6 +475,21 @@ def test_a_hostile_run_name_is_shown_as_text(built):
         assert "<script" not in (built / f"{page}.html").read_text().lower(), page
     md = (built / "loss_choice.md").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "<script" not in md
+
+
+@pytest.mark.parametrize("text", [
+    "Burda, Grosse & Salakhutdinov", "a &amp; b, &#60; and &lt;", "<script>x</script>",
+    "KL < 0.1 and k > 1", "latent_dim *beta* [link](x) `code` back\\slash"])
+def test_markdown_escaping_renders_the_literal_text(text):
+    """What md_escape writes, a Markdown renderer shows exactly as the original string, with
+    no tag or emphasis made; a plain ampersand is left as it is in the .md text."""
+    import markdown
+
+    escaped = report.md_escape(text)
+    rendered = markdown.markdown(escaped)
+    assert HtmlText.of(rendered) == (text, ["p"])
+    if "&" in text and not re.search(r"&#?\w+;", text):
+        assert "&amp;" not in escaped
 
 
 @pytest.mark.parametrize("page", PAGES)

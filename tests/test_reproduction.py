@@ -99,6 +99,7 @@ def test_reproduction_page_from_the_smoke_runs(smoke, built):
     assert "Budget used: " in html
     machine = smoke["runs"]["vae"].data.tags["machine"]
     assert f"cpu ({report.md_escape(machine)})" in md
+    assert "Table 1 of Burda, Grosse & Salakhutdinov 2016" in md  # no double escape
     for fact in ("Where this code differs from the paper", "yburda/iwae", "0.99",
                  "59,600 / 400", "Dynamic binarization"):
         assert fact in md and fact in html, fact
