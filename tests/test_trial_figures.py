@@ -1,0 +1,64 @@
+"""The figures logged with every trial: blitted onto a cached background for speed, they must
+be pixel for pixel what a full redraw of the same figure gives, trial after trial."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from study import tracking
+
+
+def full_redraw(blitted) -> np.ndarray:
+    """The same figure drawn from scratch, as savefig would draw it."""
+    blitted.canvas.draw()
+    return np.asarray(blitted.canvas.buffer_rgba()).copy()
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGBA"))
+
+
+def test_heatmap_is_what_a_full_redraw_draws(tmp_path):
+    figures = tracking._Figures()
+    rng = np.random.default_rng(0)
+    first = 10 ** rng.uniform(-3, 2.5, size=(16, 5))  # below and above the fixed colour range
+    second = 10 ** rng.uniform(-3, 2.5, size=(16, 5))
+    figures.heatmap(first, tmp_path / "a.png")
+    figures.heatmap(second, tmp_path / "b.png")  # the same shape: the cached background
+    blitted, _ = figures.heatmaps[(16, 5)]
+    assert np.array_equal(pixels(tmp_path / "b.png"), full_redraw(blitted))
+    assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+
+
+def test_projection_is_what_a_full_redraw_draws(tmp_path):
+    figures = tracking._Figures()
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 10
+    for name, scale in (("a", 1.0), ("b", 4.0)):
+        means = torch.randn(600, 8, generator=gen) * torch.linspace(scale, 0.1, 8)
+        coords, explained = tracking.pca_coordinates(means)
+        figures.scatter(coords.numpy(), labels.numpy(), explained, tmp_path / f"{name}.png")
+    blitted, _, (xlabel, _) = figures.projection
+    assert xlabel.get_text() == f"PC 1 ({explained[0]:.0%} of the variance)"
+    assert np.array_equal(pixels(tmp_path / "b.png"), full_redraw(blitted))
+    assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_pca_coordinates_are_in_sd_of_pc1_with_the_variance_explained(dims):
+    gen = torch.Generator().manual_seed(1)
+    sds = torch.tensor([3.0, 1.0, 0.5][:dims])
+    means = 7 + torch.randn(20000, dims, generator=gen) * sds
+    coords, explained = tracking.pca_coordinates(means)
+    assert coords.shape == (20000, 2)
+    assert coords[:, 0].std().item() == pytest.approx(1.0, rel=1e-4)
+    assert coords.mean(0).abs().max().item() < 1e-4  # centred
+    expected = (sds**2 / (sds**2).sum()).tolist() + [0.0]
+    assert explained == pytest.approx(expected[:2], abs=0.01)
+    if dims == 1:
+        assert coords[:, 1].abs().max().item() == 0
+    else:  # PC 2 keeps its scale relative to PC 1: sd 1/3
+        assert coords[:, 1].std().item() == pytest.approx(1 / 3, rel=0.03)
