@@ -9,6 +9,7 @@ Writes reports/bench.json and prints a table. `--quick` runs a few iterations on
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing as mp
@@ -27,7 +28,7 @@ from study.config import Config
 from study.data import Split, Splits, load_splits
 from study.evaluate import evaluate_elbo, evaluate_iwae
 from study.model import build_model
-from study.train import Trainer, resolve_device, train
+from study.train import Trainer, _Step, make_adam, resolve_device, train
 
 
 def machine(device: str) -> dict:
@@ -93,6 +94,57 @@ def model_gemm_gflops(model: torch.nn.Module, batch: int, device: str, steps: in
         _sync(device)
         best = min(best, (time.perf_counter() - t) / steps)
     return sum(3 * 2 * batch * i * o for i, o in shapes) / best / 1e9
+
+
+def _best_ms(fn, device: str, steps: int, repeats: int) -> float:
+    """Milliseconds per call of `fn`, the best of `repeats` timings of `steps` calls."""
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t) / steps)
+    return best * 1e3
+
+
+def step_breakdown(trainer: Trainer, epoch_seconds: float, gemm_gflops: float,
+                   flops_per_image: float, steps: int = 100, repeats: int = 5) -> dict:
+    """Where the milliseconds of one eager training step at the reference batch go, on a copy
+    of `trainer`'s model (its own Adam; the trainer is untouched):
+
+    step            the measured epoch / its steps (gather, forward, backward, Adam, stats)
+    gemm            the step's matmul flops at the model's matmul-only rate (model_gemm_gflops)
+    forward_backward  the forward pass, loss and backward of one batch, timed alone
+    non_gemm        forward_backward - gemm: elementwise kernels, autograd and dispatch
+    optimizer       one fused Adam step over all parameters, timed alone
+    rest            step - forward_backward - optimizer: zero_grad, the per-step statistics,
+                    the epoch's gather and Python
+    bound_fraction_of_gemm_rate is gemm / step: the share of the step doing matmuls."""
+    config = trainer.config.replace(compile=False)
+    model, likelihood = copy.deepcopy(trainer.model), copy.deepcopy(trainer.likelihood)
+    optimizer = make_adam(list(model.parameters()) + list(likelihood.parameters()), config)
+    step_fn = _Step(model, likelihood, config)
+    x = trainer.splits.train.served(0)[: config.batch_size]
+    generator = torch.Generator(device=trainer.device).manual_seed(0)
+
+    def forward_backward():
+        terms = step_fn(x, 1.0, generator)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+
+    forward_backward()
+    optimizer.step()  # Adam's state exists from here on
+    device = trainer.device
+    fb = _best_ms(forward_backward, device, steps, repeats)
+    opt = _best_ms(optimizer.step, device, steps, repeats)
+    step = epoch_seconds / trainer.steps_per_epoch * 1e3
+    gemm = flops_per_image * x.shape[0] / (gemm_gflops * 1e9) * 1e3
+    return {"step_ms": step, "gemm_ms": gemm, "forward_backward_ms": fb,
+            "non_gemm_ms": fb - gemm, "optimizer_ms": opt, "rest_ms": step - fb - opt,
+            "gemm_share_of_step": gemm / step,
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 class ExampleBaseline:
@@ -229,6 +281,9 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
     achieved = flops_per_image * n / sec["ours"] / 1e9
     achieved_compiled = flops_per_image * n / sec["ours_compiled"] / 1e9
 
+    breakdown = step_breakdown(ours, sec["ours"], gemm_bound, flops_per_image,
+                               steps=5 if quick else 100, repeats=2 if quick else 5)
+
     iw_images, iw_k = (20, 50) if quick else (500, 1000)
     t = time.perf_counter()
     evaluate_iwae(ours.model, ours.likelihood, splits.test, k=iw_k, images=iw_images)
@@ -259,6 +314,7 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
         "fraction_of_peak": achieved / peak,
         "model_gemm_gflops": gemm_bound,
         "model_gemm_fraction_of_peak": gemm_bound / peak,
+        "step_breakdown": breakdown,
         "achieved_gflops_compiled": achieved_compiled,
         "fraction_of_peak_compiled": achieved_compiled / peak,
         "test_nelbo": {"ours": test_ours, "ours_compiled": test_compiled, "baseline": test_base,
@@ -295,6 +351,11 @@ def table(r: dict) -> str:
         f"GFLOP/s ({100 * r['model_gemm_fraction_of_peak']:.0f}% of peak); the rest of a step "
         f"(optimizer, elementwise, dispatch) takes "
         f"{100 * (1 - r['achieved_gflops'] / r['model_gemm_gflops']):.0f}% of the eager step",
+        "one eager step, ms: {step_ms:.2f} = forward+backward {forward_backward_ms:.2f} "
+        "(matmuls {gemm_ms:.2f}, elementwise and autograd {non_gemm_ms:.2f}) + Adam "
+        "{optimizer_ms:.2f} over {parameters:,} parameters + rest {rest_ms:.2f}; matmuls are "
+        "{pct:.0f}% of the step".format(**r["step_breakdown"],
+                                        pct=100 * r["step_breakdown"]["gemm_share_of_step"]),
         f"MLflow tracking overhead: {r['tracking']['tracking_overhead_pct']:.2f}% of training time",
         f"IWAE evaluation, k = {r['iwae_eval']['k']}: "
         f"{r['iwae_eval']['images_per_second']:.1f} images/s",

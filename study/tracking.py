@@ -208,6 +208,7 @@ class Tracker:
         if sqlite_path(tracking_uri) is not None:
             tune_sqlite()
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._artifact_uris: dict[str, str] = {}  # run id -> artifact URI, from create_run
 
     def experiment_id(self, name: str, create: bool = True) -> str:
         """The experiment `name` (restored if deleted), created with an explicit artifact
@@ -236,6 +237,7 @@ class Tracker:
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = self.client.create_run(experiment_id, tags=tags, run_name=name)
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -274,7 +276,16 @@ class Tracker:
         self.client.set_terminated(run_id, status=status, end_time=_now_ms())
 
     def log_artifacts(self, run_id: str, folder: Path) -> None:
-        self.client.log_artifacts(run_id, str(folder))
+        """Every file of `folder` into the run's artifacts. For a run this tracker created, the
+        artifact repository comes from the URI create_run returned; MlflowClient would first
+        fetch the whole run (its params, tags and latest metrics) to learn it: 15 ms a trial."""
+        uri = self._artifact_uris.get(run_id)
+        if uri is None:
+            self.client.log_artifacts(run_id, str(folder))
+            return
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(str(folder))
 
 
 class TrialLogger(Callback):
@@ -399,17 +410,26 @@ class _Blitted:
     trial's figures (50-70 ms each on this CPU even with reused figures); this draws only
     what changes. `Figure` objects, not pyplot: no global state, no GUI. Not thread-safe."""
 
-    def __init__(self, fig, artists):
+    def __init__(self, fig, artists, layout=None):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         self.fig, self.artists = fig, list(artists)
         self.canvas = FigureCanvasAgg(fig)
-        for artist in self.artists:
-            artist.set_visible(False)
-        self.canvas.draw()
-        self.background = self.canvas.copy_from_bbox(fig.bbox)
-        for artist in self.artists:
-            artist.set_visible(True)
+        self.backgrounds: dict = {}
+        self.layout = None
+        self.use(layout)
+
+    def use(self, layout) -> None:
+        """Switch to the background of `layout` (any hashable naming the limits, ticks and
+        labels the caller has just set), rendering it on first use."""
+        if layout not in self.backgrounds:
+            for artist in self.artists:
+                artist.set_visible(False)
+            self.canvas.draw()
+            self.backgrounds[layout] = self.canvas.copy_from_bbox(self.fig.bbox)
+            for artist in self.artists:
+                artist.set_visible(True)
+        self.background, self.layout = self.backgrounds[layout], layout
 
     def save(self, path: Path) -> None:
         import numpy as np
@@ -431,19 +451,23 @@ class _Figures:
         self.projection: tuple | None = None
 
     def heatmap(self, values, path: Path) -> None:
-        """`values` (dims, epochs): validation KL per dimension and epoch, nats per image."""
+        """`values` (dims, epochs): validation KL per dimension and epoch, nats per image.
+        One figure per size; the first time a shape is drawn on it (another latent_dim) its
+        background is rendered and kept, a full draw (~45 ms) instead of a new figure (~200 ms);
+        later trials of that shape only blit."""
         dims, epochs = values.shape
-        if (dims, epochs) not in self.heatmaps:
+        extent = (0.5, epochs + 0.5, dims - 0.5, -0.5)
+        size = (max(4.0, 0.4 * epochs + 2.5), max(3.0, 0.06 * dims + 1.5))
+        if size not in self.heatmaps:
             from matplotlib.colors import LogNorm
             from matplotlib.figure import Figure
             from matplotlib.ticker import MaxNLocator
 
-            width, height = max(4.0, 0.4 * epochs + 2.5), max(3.0, 0.06 * dims + 1.5)
-            fig = Figure(figsize=(width, height), dpi=90)
+            width, height = size
+            fig = Figure(figsize=size, dpi=90)
             ax = fig.add_subplot()
             image = ax.imshow(values, aspect="auto", cmap="magma", interpolation="nearest",
-                              norm=LogNorm(*KL_COLOUR_RANGE),
-                              extent=(0.5, epochs + 0.5, dims - 0.5, -0.5))
+                              norm=LogNorm(*KL_COLOUR_RANGE), extent=extent)
             ax.set_xlabel("epoch")
             ax.set_ylabel("latent dimension")
             ax.set_title("validation KL per dimension")
@@ -452,9 +476,13 @@ class _Figures:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             fig.subplots_adjust(left=0.7 / width, bottom=0.55 / height, right=1 - 0.5 / width,
                                 top=1 - 0.35 / height)
-            self.heatmaps[(dims, epochs)] = (_Blitted(fig, [image, *ax.spines.values()]), image)
-        blitted, image = self.heatmaps[(dims, epochs)]
+            self.heatmaps[size] = (_Blitted(fig, [image, *ax.spines.values()], extent),
+                                   image)
+        blitted, image = self.heatmaps[size]
         image.set_data(values)
+        if blitted.layout != extent:
+            image.set_extent(extent)  # and the axes' limits, hence the ticks
+            blitted.use(extent)
         blitted.save(path)
 
     def scatter(self, coords, labels, explained, path: Path) -> None:

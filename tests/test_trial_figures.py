@@ -28,9 +28,17 @@ def test_heatmap_is_what_a_full_redraw_draws(tmp_path):
     second = 10 ** rng.uniform(-3, 2.5, size=(16, 5))
     figures.heatmap(first, tmp_path / "a.png")
     figures.heatmap(second, tmp_path / "b.png")  # the same shape: the cached background
-    blitted, _ = figures.heatmaps[(16, 5)]
+    blitted, _ = figures.heatmaps[(4.5, 3.0)]
     assert np.array_equal(pixels(tmp_path / "b.png"), full_redraw(blitted))
     assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    # another latent_dim on the same figure (a search): new limits and ticks, then back
+    for dims in (8, 16, 8):
+        figures.heatmap(second[:dims], tmp_path / f"dims{dims}.png")
+        assert figures.heatmaps[(4.5, 3.0)][0] is blitted  # the figure was reused
+        assert blitted.fig.axes[0].get_ylim() == (dims - 0.5, -0.5)
+        assert np.array_equal(pixels(tmp_path / f"dims{dims}.png"), full_redraw(blitted))
+    assert np.array_equal(pixels(tmp_path / "dims16.png"), pixels(tmp_path / "b.png"))
+    assert len(blitted.backgrounds) == 2  # 16 rows, 8 rows: each rendered once
 
 
 def test_projection_is_what_a_full_redraw_draws(tmp_path):
