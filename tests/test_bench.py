@@ -42,7 +42,7 @@ def test_bench_quick_writes_every_figure(data_root, tmp_path):
                 "images_per_second.ours", "matmul_peak_gflops", "achieved_gflops",
                 "test_nelbo.ours", "test_nelbo.baseline", "tracking.tracking_overhead_pct",
                 "iwae_eval.images_per_second", "trials_per_hour.jobs_1", "trials_per_hour.jobs_2",
-                "step_breakdown.step_ms", "step_breakdown.gemm_ms",
+                "step_breakdown.step_ms", "matmul_peak_gflops_one_thread", "step_breakdown.gemm_ms",
                 "step_breakdown.forward_backward_ms", "step_breakdown.optimizer_ms"):
         assert math.isfinite(numbers[key]) and numbers[key] > 0, (key, numbers[key])
     parts = result["step_breakdown"]  # the parts add up to the step by construction of rest_ms
