@@ -109,41 +109,61 @@ def _best_ms(fn, device: str, steps: int, repeats: int) -> float:
     return best * 1e3
 
 
-def step_breakdown(trainer: Trainer, epoch_seconds: float, gemm_gflops: float,
-                   flops_per_image: float, steps: int = 100, repeats: int = 5) -> dict:
-    """Where the milliseconds of one eager training step at the reference batch go, on a copy
-    of `trainer`'s model (its own Adam; the trainer is untouched):
+def step_breakdown(trainer: Trainer, gemm_gflops: float, flops_per_image: float,
+                   steps: int | None = None, repeats: int = 3) -> dict:
+    """Where the milliseconds of one eager training step at the reference batch go, measured
+    by ablation inside the training loop itself (timed alone, a forward/backward or an Adam
+    step runs faster, with its data hot in cache, than between the others). On a copy of
+    `trainer`'s model with its own Adam; the trainer is untouched. Each figure is the best of
+    `repeats` passes over `steps` consecutive batches (default: a whole epoch), so a noisy
+    neighbour inflates none of them.
 
-    step            the measured epoch / its steps (gather, forward, backward, Adam, stats)
-    gemm            the step's matmul flops at the model's matmul-only rate (model_gemm_gflops)
-    forward_backward  the forward pass, loss and backward of one batch, timed alone
-    non_gemm        forward_backward - gemm: elementwise kernels, autograd and dispatch
-    optimizer       one fused Adam step over all parameters, timed alone
-    rest            step - forward_backward - optimizer: zero_grad, the per-step statistics,
-                    the epoch's gather and Python
-    bound_fraction_of_gemm_rate is gemm / step: the share of the step doing matmuls."""
+    loop              slice, forward, loss, backward, fused Adam, per-step statistics
+    forward_backward  the same loop without the Adam step
+    optimizer         loop - forward_backward
+    gemm              the step's matmul flops at the model's matmul-only rate (model_gemm_gflops)
+    non_gemm          forward_backward - gemm: elementwise kernels, autograd and dispatch
+    gather            the epoch's shuffle, gather and uint8 -> float conversion, per step
+    step              loop + gather: an eager step as run_epoch runs it
+    gemm_share_of_step is gemm / step: the share of the step doing matmuls."""
     config = trainer.config.replace(compile=False)
     model, likelihood = copy.deepcopy(trainer.model), copy.deepcopy(trainer.likelihood)
     optimizer = make_adam(list(model.parameters()) + list(likelihood.parameters()), config)
     step_fn = _Step(model, likelihood, config)
-    x = trainer.splits.train.served(0)[: config.batch_size]
-    generator = torch.Generator(device=trainer.device).manual_seed(0)
+    device, bs, train_split = trainer.device, config.batch_size, trainer.splits.train
+    generator = torch.Generator(device=device).manual_seed(0)
+    steps = min(steps or trainer.steps_per_epoch, len(train_split) // bs)
+    served = {}
 
-    def forward_backward():
-        terms = step_fn(x, 1.0, generator)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+    def gather() -> None:
+        perm = torch.randperm(len(train_split), device=device, generator=generator)
+        served["x"] = train_split.served(0, perm)
 
-    forward_backward()
-    optimizer.step()  # Adam's state exists from here on
-    device = trainer.device
-    fb = _best_ms(forward_backward, device, steps, repeats)
-    opt = _best_ms(optimizer.step, device, steps, repeats)
-    step = epoch_seconds / trainer.steps_per_epoch * 1e3
-    gemm = flops_per_image * x.shape[0] / (gemm_gflops * 1e9) * 1e3
-    return {"step_ms": step, "gemm_ms": gemm, "forward_backward_ms": fb,
-            "non_gemm_ms": fb - gemm, "optimizer_ms": opt, "rest_ms": step - fb - opt,
-            "gemm_share_of_step": gemm / step,
+    gather()
+    stats = torch.empty(steps, 3, device=device)
+
+    def loop(adam: bool) -> None:
+        x_all = served["x"]
+        for i in range(steps):
+            terms = step_fn(x_all[i * bs:(i + 1) * bs], 1.0, generator)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if adam:
+                optimizer.step()
+            with torch.no_grad():
+                stats[i] = torch.stack([terms["loss"], terms["recon"], terms["kl"]])
+
+    loop(adam=True)  # warm: Adam's state exists from here on
+    full = _best_ms(lambda: loop(adam=True), device, 1, repeats) / steps
+    without = _best_ms(lambda: loop(adam=False), device, 1, repeats) / steps
+    gathered = _best_ms(gather, device, 1, repeats) / trainer.steps_per_epoch
+    gemm = flops_per_image * bs / (gemm_gflops * 1e9) * 1e3
+    step = full + gathered
+    return {"step_ms": step, "loop_ms": full, "gemm_ms": gemm, "forward_backward_ms": without,
+            "non_gemm_ms": without - gemm, "optimizer_ms": full - without,
+            "gather_ms": gathered, "gemm_share_of_step": gemm / step, "steps_timed": steps,
+            "repeats": repeats,
+            "achieved_gflops_best": flops_per_image * bs / (step * 1e6),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -225,25 +245,35 @@ def tracking_overhead(config: Config, splits: Splits) -> dict:
             "tracking_overhead_pct": 100 * logger.seconds / train_seconds}
 
 
-def _scaling_worker(args) -> int:
+def _scaling_worker(args) -> tuple[int, float, float]:
+    """Run `trials` trials in this process; (trials, start of the first, end of the last) on
+    the monotonic clock, which all processes of the machine share."""
     config, trials, threads = args
     torch.set_num_threads(threads)
     splits = load_splits(config.dataset, config.data_root, val_size=config.val_size,
                          seed=config.seed, train_subset=config.train_subset,
                          test_subset=config.test_subset)
+    train(config.replace(seed=999), splits=splits, evaluate_at_end=False)  # warm-up, untimed
+    start = time.monotonic()
     for t in range(trials):
         train(config.replace(seed=t), splits=splits, evaluate_at_end=False)
-    return trials
+    return trials, start, time.monotonic()
 
 
-def trials_per_hour(config: Config, jobs: int, trials: int) -> float:
-    """Trials per hour with `jobs` worker processes of one thread each (jobs = 1: all cores)."""
+def trials_per_hour(config: Config, jobs: int, trials: int) -> dict:
+    """Trials per hour with `jobs` worker processes of one thread each (jobs = 1: all cores),
+    in the steady state: from the first timed trial's start in any worker to the last one's
+    end, after each worker's start-up (interpreter, imports, data) and one warm-up trial. The
+    start-up is reported apart: a study pays it once per worker, not per trial."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs == 1 else 1
     ctx = mp.get_context("spawn")
-    t = time.perf_counter()
+    t = time.monotonic()
     with ctx.Pool(jobs) as pool:
-        done = sum(pool.map(_scaling_worker, [(config, trials // jobs, threads)] * jobs))
-    return done / (time.perf_counter() - t) * 3600
+        results = pool.map(_scaling_worker, [(config, trials // jobs, threads)] * jobs)
+    done = sum(n for n, _, _ in results)
+    first, last = min(s for _, s, _ in results), max(e for _, _, e in results)
+    return {"trials_per_hour": done / (last - first) * 3600,
+            "startup_seconds": first - t, "threads_per_worker": threads}
 
 
 def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
@@ -286,8 +316,8 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
     achieved = flops_per_image * n / sec["ours"] / 1e9
     achieved_compiled = flops_per_image * n / sec["ours_compiled"] / 1e9
 
-    breakdown = step_breakdown(ours, sec["ours"], gemm_bound, flops_per_image,
-                               steps=5 if quick else 100, repeats=2 if quick else 5)
+    breakdown = step_breakdown(ours, gemm_bound, flops_per_image, steps=5 if quick else None,
+                               repeats=2 if quick else 3)
 
     iw_images, iw_k = (20, 50) if quick else (500, 1000)
     t = time.perf_counter()
@@ -300,7 +330,8 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
     scale_cfg = config.replace(epochs=1, train_subset=1024 if quick else 10_000,
                                val_size=500, device="cpu", threads=None)
     scale_trials = 2 if quick else 8
-    scaling = {f"jobs_{j}": trials_per_hour(scale_cfg, j, scale_trials) for j in (1, 2)}
+    scaling_runs = {f"jobs_{j}": trials_per_hour(scale_cfg, j, scale_trials) for j in (1, 2)}
+    scaling = {k: v["trials_per_hour"] for k, v in scaling_runs.items()}
 
     return {
         "quick": quick,
@@ -329,7 +360,9 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
         "tracking": overhead,
         "iwae_eval": {"k": iw_k, "images": iw_images, "images_per_second": iw_rate},
         "trials_per_hour": scaling,
-        "scaling_trial": f"1 epoch on {scale_cfg.train_subset} images, no test evaluation",
+        "trials_per_hour_startup_seconds": {k: v["startup_seconds"] for k, v in scaling_runs.items()},
+        "scaling_trial": f"1 epoch on {scale_cfg.train_subset} images, no test evaluation; "
+                         f"steady state, after each worker's start-up and a warm-up trial",
     }
 
 
@@ -357,11 +390,13 @@ def table(r: dict) -> str:
         f"GFLOP/s ({100 * r['model_gemm_fraction_of_peak']:.0f}% of peak); the rest of a step "
         f"(optimizer, elementwise, dispatch) takes "
         f"{100 * (1 - r['achieved_gflops'] / r['model_gemm_gflops']):.0f}% of the eager step",
-        "one eager step, ms: {step_ms:.2f} = forward+backward {forward_backward_ms:.2f} "
-        "(matmuls {gemm_ms:.2f}, elementwise and autograd {non_gemm_ms:.2f}) + Adam "
-        "{optimizer_ms:.2f} over {parameters:,} parameters + rest {rest_ms:.2f}; matmuls are "
-        "{pct:.0f}% of the step".format(**r["step_breakdown"],
-                                        pct=100 * r["step_breakdown"]["gemm_share_of_step"]),
+        "one eager step (best of {repeats} passes over {steps_timed} steps), ms: {step_ms:.2f} = "
+        "forward+backward "
+        "{forward_backward_ms:.2f} (matmuls {gemm_ms:.2f}, elementwise and autograd "
+        "{non_gemm_ms:.2f}) + fused Adam {optimizer_ms:.2f} over {parameters:,} parameters + "
+        "the epoch's shuffle and gather {gather_ms:.2f}; matmuls are {pct:.0f}% of the step "
+        "({achieved_gflops_best:.1f} GFLOP/s)".format(
+            **r["step_breakdown"], pct=100 * r["step_breakdown"]["gemm_share_of_step"]),
         f"MLflow tracking overhead: {r['tracking']['tracking_overhead_pct']:.2f}% of training time",
         f"IWAE evaluation, k = {r['iwae_eval']['k']}: "
         f"{r['iwae_eval']['images_per_second']:.1f} images/s",

@@ -43,13 +43,14 @@ def test_bench_quick_writes_every_figure(data_root, tmp_path):
                 "test_nelbo.ours", "test_nelbo.baseline", "tracking.tracking_overhead_pct",
                 "iwae_eval.images_per_second", "trials_per_hour.jobs_1", "trials_per_hour.jobs_2",
                 "step_breakdown.step_ms", "matmul_peak_gflops_one_thread", "step_breakdown.gemm_ms",
-                "step_breakdown.forward_backward_ms", "step_breakdown.optimizer_ms"):
+                "step_breakdown.forward_backward_ms", "step_breakdown.loop_ms"):
         assert math.isfinite(numbers[key]) and numbers[key] > 0, (key, numbers[key])
-    parts = result["step_breakdown"]  # the parts add up to the step by construction of rest_ms
-    assert parts["forward_backward_ms"] + parts["optimizer_ms"] + parts["rest_ms"] == \
+    parts = result["step_breakdown"]  # differences of timings: finite, of either sign if noisy
+    assert all(math.isfinite(v) for v in parts.values()), parts
+    assert parts["forward_backward_ms"] + parts["optimizer_ms"] + parts["gather_ms"] == \
         pytest.approx(parts["step_ms"])
     assert parts["parameters"] == 784 * 400 + 400 + 400 * 40 + 40 + 20 * 400 + 400 + 400 * 784 + 784
     # the flop count is the model's: 784-400-20 forward + backward is ~3.3 MFLOP per image
     assert 2.5e-3 < result["training_gflop_per_image"] < 4e-3
     assert "speed-up" in proc.stdout and "MLflow tracking overhead" in proc.stdout
-    assert "one eager step, ms:" in proc.stdout
+    assert "one eager step (best of 2 passes over 5 steps), ms:" in proc.stdout
