@@ -68,6 +68,19 @@ def matmul_peak_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _best_ms(fn, device: str, steps: int, repeats: int) -> float:
+    """Milliseconds per call of `fn`, the best of `repeats` timings of `steps` calls."""
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t) / steps)
+    return best * 1e3
+
+
 def model_gemm_gflops(model: torch.nn.Module, batch: int, device: str, steps: int = 50,
                       repeats: int = 5) -> float:
     """The matrix products of one training step of `model` alone (forward x W^T, backward
@@ -85,28 +98,8 @@ def model_gemm_gflops(model: torch.nn.Module, batch: int, device: str, steps: in
             g.t() @ x
 
     step()
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t) / steps)
-    return sum(3 * 2 * batch * i * o for i, o in shapes) / best / 1e9
-
-
-def _best_ms(fn, device: str, steps: int, repeats: int) -> float:
-    """Milliseconds per call of `fn`, the best of `repeats` timings of `steps` calls."""
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t) / steps)
-    return best * 1e3
+    seconds = _best_ms(step, device, steps, repeats) / 1e3
+    return sum(3 * 2 * batch * i * o for i, o in shapes) / seconds / 1e9
 
 
 def step_breakdown(trainer: Trainer, gemm_gflops: float, flops_per_image: float,
