@@ -9,7 +9,6 @@ Writes reports/bench.json and prints a table. `--quick` runs a few iterations on
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import multiprocessing as mp
@@ -28,7 +27,7 @@ from study.config import Config
 from study.data import Split, Splits, load_splits
 from study.evaluate import evaluate_elbo, evaluate_iwae
 from study.model import build_model
-from study.train import Trainer, _Step, make_adam, resolve_device, train
+from study.train import Trainer, resolve_device, train
 
 
 def machine(device: str) -> dict:
@@ -103,61 +102,46 @@ def model_gemm_gflops(model: torch.nn.Module, batch: int, device: str, steps: in
 
 
 def step_breakdown(trainer: Trainer, gemm_gflops: float, flops_per_image: float,
-                   steps: int | None = None, repeats: int = 3) -> dict:
+                   repeats: int = 3) -> dict:
     """Where the milliseconds of one eager training step at the reference batch go, measured
-    by ablation inside the training loop itself (timed alone, a forward/backward or an Adam
-    step runs faster, with its data hot in cache, than between the others). On a copy of
-    `trainer`'s model with its own Adam; the trainer is untouched. Each figure is the best of
-    `repeats` passes over `steps` consecutive batches (default: a whole epoch), so a noisy
-    neighbour inflates none of them.
+    by ablation of the training loop itself (timed alone, a forward/backward or an Adam step
+    runs faster, with its data hot in cache, than between the others): whole epochs of
+    `Trainer.run_epoch` on a copy of `trainer`, then the same with its Adam step made a
+    no-op, and the epoch's gather alone. Each figure is the best of `repeats` epochs, so a
+    noisy neighbour inflates none of them; `trainer` is untouched.
 
-    loop              slice, forward, loss, backward, fused Adam, per-step statistics
-    forward_backward  the same loop without the Adam step
-    optimizer         loop - forward_backward
+    step              one epoch / its steps (gather, forward, loss, backward, Adam, statistics)
+    loop              step - gather: the per-batch work
+    optimizer         step - the same without the Adam step
+    gather            the epoch's shuffle, gather and uint8 -> float conversion, per step
+    forward_backward  step - optimizer - gather (with the per-step statistics)
     gemm              the step's matmul flops at the model's matmul-only rate (model_gemm_gflops)
     non_gemm          forward_backward - gemm: elementwise kernels, autograd and dispatch
-    gather            the epoch's shuffle, gather and uint8 -> float conversion, per step
-    step              loop + gather: an eager step as run_epoch runs it
     gemm_share_of_step is gemm / step: the share of the step doing matmuls."""
-    config = trainer.config.replace(compile=False)
-    model, likelihood = copy.deepcopy(trainer.model), copy.deepcopy(trainer.likelihood)
-    optimizer = make_adam(list(model.parameters()) + list(likelihood.parameters()), config)
-    step_fn = _Step(model, likelihood, config)
-    device, bs, train_split = trainer.device, config.batch_size, trainer.splits.train
+    copy = Trainer(trainer.config.replace(compile=False), trainer.splits)
+    copy.model.load_state_dict(trainer.model.state_dict())
+    copy.likelihood.load_state_dict(trainer.likelihood.state_dict())
+    device, steps, train_split = trainer.device, copy.steps_per_epoch, trainer.splits.train
+    copy.run_epoch()  # warm: Adam's state exists from here on
+
+    def epoch_ms() -> float:
+        return _best_ms(copy.run_epoch, device, 1, repeats) / steps
+
+    step = epoch_ms()
+    copy.optimizer.step = lambda *args, **kwargs: None  # the ablation
+    without = epoch_ms()
     generator = torch.Generator(device=device).manual_seed(0)
-    steps = min(steps or trainer.steps_per_epoch, len(train_split) // bs)
-    served = {}
-
-    def gather() -> None:
-        perm = torch.randperm(len(train_split), device=device, generator=generator)
-        served["x"] = train_split.served(0, perm)
-
-    gather()
-    stats = torch.empty(steps, 3, device=device)
-
-    def loop(adam: bool) -> None:
-        x_all = served["x"]
-        for i in range(steps):
-            terms = step_fn(x_all[i * bs:(i + 1) * bs], 1.0, generator)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if adam:
-                optimizer.step()
-            with torch.no_grad():
-                stats[i] = torch.stack([terms["loss"], terms["recon"], terms["kl"]])
-
-    loop(adam=True)  # warm: Adam's state exists from here on
-    full = _best_ms(lambda: loop(adam=True), device, 1, repeats) / steps
-    without = _best_ms(lambda: loop(adam=False), device, 1, repeats) / steps
-    gathered = _best_ms(gather, device, 1, repeats) / trainer.steps_per_epoch
-    gemm = flops_per_image * bs / (gemm_gflops * 1e9) * 1e3
-    step = full + gathered
-    return {"step_ms": step, "loop_ms": full, "gemm_ms": gemm, "forward_backward_ms": without,
-            "non_gemm_ms": without - gemm, "optimizer_ms": full - without,
-            "gather_ms": gathered, "gemm_share_of_step": gemm / step, "steps_timed": steps,
+    gather = _best_ms(lambda: train_split.served(0, torch.randperm(
+        len(train_split), device=device, generator=generator)), device, 1, repeats) / steps
+    forward_backward = without - gather
+    gemm = flops_per_image * copy.config.batch_size / (gemm_gflops * 1e9) * 1e3
+    return {"step_ms": step, "loop_ms": step - gather, "gemm_ms": gemm,
+            "forward_backward_ms": forward_backward,
+            "non_gemm_ms": forward_backward - gemm, "optimizer_ms": step - without,
+            "gather_ms": gather, "gemm_share_of_step": gemm / step, "steps_timed": steps,
             "repeats": repeats,
-            "achieved_gflops_best": flops_per_image * bs / (step * 1e6),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "achieved_gflops_best": flops_per_image * copy.config.batch_size / (step * 1e6),
+            "parameters": sum(p.numel() for p in copy.model.parameters())}
 
 
 class ExampleBaseline:
@@ -310,8 +294,7 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
     achieved = flops_per_image * n / sec["ours"] / 1e9
     achieved_compiled = flops_per_image * n / sec["ours_compiled"] / 1e9
 
-    breakdown = step_breakdown(ours, gemm_bound, flops_per_image, steps=5 if quick else None,
-                               repeats=2 if quick else 3)
+    breakdown = step_breakdown(ours, gemm_bound, flops_per_image, repeats=2 if quick else 3)
 
     iw_images, iw_k = (20, 50) if quick else (500, 1000)
     t = time.perf_counter()
