@@ -31,18 +31,22 @@ PASSWORD = "Pw-7d1e0c-not-in-logs"  # distinctive, so any leak is found
 pytestmark = pytest.mark.slow
 
 # Six points of a few seconds each: the first process is still busy when the worker joins.
-SPEC = """
+# Trials long enough (about 3.7 s each on one core; the grid 22 s on one runner) that the
+# worker, whose start-up takes 6-10 s, joins while points are left: with 1-s trials the first
+# runner could finish the grid alone and the test would fail by timing, not by a bug.
+EPOCHS = 8
+SPEC = f"""
 sampler = "grid"
 [space]
 beta = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 [fixed]
-train_subset = 2000
+train_subset = 6000
 val_size = 300
 test_subset = 200
 batch_size = 100
 test_iw_k = 5
 latent_dim = 4
-epochs = 2
+epochs = {EPOCHS}
 """
 BETAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 ARTIFACTS = {"checkpoint.pt", "kl_per_dimension.png", "latent_pca.png", "reconstructions.png",
@@ -210,7 +214,7 @@ def test_a_study_and_a_worker_share_postgresql_and_a_tracking_server(postgres, t
         assert float(run.data.params["beta"]) == trial.params["beta"]
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         history = client.get_metric_history(run.info.run_id, "val/nelbo")
-        assert sorted(m.step for m in history) == [1, 2]
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # every epoch
         assert trial.values[0] == pytest.approx(run.data.metrics["val/nelbo"])
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == ARTIFACTS
     png = client.download_artifacts(complete[0].user_attrs["mlflow_run_id"], "samples.png",
