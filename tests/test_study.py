@@ -441,9 +441,15 @@ def test_jobs_run_worker_processes_on_one_storage(tmp_path, data_env):
     study, _, _, parents, children = load(folder, "jobs")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert sorted(t.params["beta"] for t in complete) == [0.5, 1.0, 2.0, 4.0]  # each once
-    assert len(children) == len(study.trials) and len(parents) == 1
-    pids = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in study.trials}
-    assert str(os.getpid()) not in pids  # trials ran in worker processes, not here
+    # two workers may pick the same grid point at once; the later steps aside (duplicate_of)
+    # before it creates a run, so every other trial has exactly one run
+    stepped_aside = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert all(t.state.name == "FAIL" for t in stepped_aside)
+    assert len(complete) + len(stepped_aside) == len(study.trials)
+    assert len(children) == len(study.trials) - len(stepped_aside) and len(parents) == 1
+    pids = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in study.trials
+            if "worker" in t.user_attrs}  # a trial that found no point left records none
+    assert len(pids) >= 1 and str(os.getpid()) not in pids  # trials ran in workers, not here
     assert {r.data.params["threads"] for r in children} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
 
 
