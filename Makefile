@@ -10,6 +10,7 @@ STORAGE      ?= sqlite:///$(CURDIR)/mlruns/optuna.db
 TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 HOST         ?= 127.0.0.1
 PORT         ?=
+STOP_AFTER   ?=
 PYTHON       ?= python3
 
 VENV   := .venv
@@ -17,11 +18,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA_STAMP := data/.verified
 STORES := --storage '$(STORAGE)' --tracking-uri '$(TRACKING_URI)'
+RUN_OPTS = --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
 
 help: ## list targets and variables
 	@echo "vae-study targets:"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "variables: PROFILE=$(PROFILE) STUDY=$(STUDY) DEVICE=$(DEVICE) JOBS=$(JOBS) HOST=$(HOST) PORT=$(PORT)"
+	@echo "           STOP_AFTER=$(STOP_AFTER) (minutes; trials then stop at an epoch end, resumable)"
 	@echo "           STORAGE=$(STORAGE)"
 	@echo "           TRACKING_URI=$(TRACKING_URI)"
 
@@ -37,11 +40,11 @@ data: setup ## fetch MNIST and Fashion-MNIST into data/ and verify their SHA-256
 	$(PY) -m study.data --root data
 
 study: setup data ## run the default study suite for PROFILE (or STUDY=name), then build the reports
-	$(PY) -m study.runner run $(STORES) --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY))
+	$(PY) -m study.runner run $(STORES) $(RUN_OPTS)
 	$(MAKE) --no-print-directory report
 
 worker: setup data ## join a running study on a shared STORAGE / TRACKING_URI (STUDY=name required)
-	$(PY) -m study.runner run --worker $(STORES) --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY))
+	$(PY) -m study.runner run --worker $(STORES) $(RUN_OPTS)
 
 report: setup ## build reports/ (index, loss choice, KL dynamics) from the MLflow runs
 	$(PY) -m analysis.report --tracking-uri '$(TRACKING_URI)' --profile $(PROFILE) --out reports

@@ -103,6 +103,8 @@ class Config:
     """torch intra-op threads; None leaves torch's default (set to 1 per worker with JOBS > 1)."""
     compile: bool = False
     """Wrap the model in torch.compile where available (falls back cleanly)."""
+    checkpoint_minutes: float = 10.0
+    """Save a resumable state at the first epoch end after this many minutes (0 = every epoch)."""
 
     extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     """Free-form tags (study name, trial number) carried along; never read by training."""
@@ -134,6 +136,8 @@ class Config:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 problems.append(f"{name} must be > 0, got {value}")
+        if not self.checkpoint_minutes >= 0:
+            problems.append(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         if self.warmup < 0 or self.free_bits < 0:
             problems.append("warmup and free_bits must be >= 0")
         if not 0 < self.cycle_ratio <= 1:

@@ -17,6 +17,13 @@ Every run is a resumption: a grid runs each point until it has one
 finished (COMPLETE or PRUNED) trial; a search runs until `trials` trials are finished. A point
 whose trial failed is tried again by the next invocation, not within the same one.
 
+Long trials resume mid-run. Every `checkpoint_minutes` a trial saves a resumable state (the
+weights, Adam's moments, the noise generator, the history) as artifacts of its MLflow run. On
+SIGTERM, or when `--stop-after` minutes have passed, each worker finishes its epoch, saves,
+ends the run KILLED and stops. When the point is run again (the re-queued trial of a dead
+worker, or the next invocation) the new trial goes on in the same MLflow run from the newest
+state, and ends with what an uninterrupted run would have computed.
+
 Names. A spec `loss_choice` run with profile `default` is the Optuna study
 `loss_choice-default` (profiles never share trials); its MLflow experiment is `loss_choice`
 (one per study, whatever the profile), with one parent run per invocation
@@ -35,6 +42,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -225,6 +233,29 @@ class Job:
     jobs: int = 1
     data_root: str = ""
     progress: bool = True
+    stop_at: float | None = None
+    """time.time() after which running trials stop at an epoch end, resumable (--stop-after)."""
+
+
+class StopRequest:
+    """Asks the running trial to stop at its next epoch end, save a resumable state and end
+    its run KILLED, and the worker to start no other trial: on SIGTERM, or once `deadline`
+    (a time.time()) has passed. Called by the training loop after every epoch."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.deadline: float | None = None
+
+    def __call__(self) -> bool:
+        if self.reason is None and self.deadline is not None and time.time() >= self.deadline:
+            self.reason = "--stop-after time reached"
+        return self.reason is not None
+
+    def on_signal(self, signum, _frame) -> None:
+        self.reason = f"{signal.Signals(signum).name} received"
+
+
+STOP = StopRequest()
 
 
 class SplitsCache:
@@ -292,8 +323,14 @@ class Objective:
 
     def __call__(self, trial):
         from study.data import dataset_digest
-        from study.tracking import environment_tags, final_metrics, log_trial_artifacts
-        from study.train import NonFiniteLoss, resolve_device, train
+        from study.tracking import (
+            ResumeStates,
+            environment_tags,
+            final_metrics,
+            last_logged_epoch,
+            log_trial_artifacts,
+        )
+        from study.train import Checkpointing, NonFiniteLoss, TrainingStopped, resolve_device, train
 
         spec, job, tracker = self.spec, self.job, self.tracker
         try:
@@ -328,28 +365,64 @@ class Objective:
         run_params = config.as_params()
         if VARIANT in params:
             run_params[VARIANT] = params[VARIANT]
-        run_id = tracker.start_run(job.experiment_id, run_name, tags, run_params,
-                                   parent_run_id=job.invocation)
+        resume = self._resumable(trial, params, config)
+        if resume is None:
+            run_id = tracker.start_run(job.experiment_id, run_name, tags, run_params,
+                                       parent_run_id=job.invocation)
+            state, slot, logged_through, before = None, None, 0, {}
+        else:
+            run_id, state, slot, earlier = resume
+            tracker.reopen_run(run_id, run_name, {**tags, "resumed_from_trial": earlier,
+                                                  "resumed_at_epoch": state["epoch"]})
+            logged_through = last_logged_epoch(tracker, run_id)
+            before = state.get("runner_seconds", {})
+            trial.set_user_attr("resumed_from_trial", earlier)
+            trial.set_user_attr("resumed_at_epoch", state["epoch"])
+            _say(f"{run_name}: resuming run {run_id} at epoch {state['epoch']} of "
+                 f"{config.epochs} (saved by trial {earlier})")
         trial.set_user_attr("mlflow_run_id", run_id)
         setup_seconds = time.perf_counter() - t_setup
 
         from study.tracking import TrialLogger
 
-        logger = TrialLogger(tracker, run_id)
+        logger = TrialLogger(tracker, run_id, logged_through)
+        states = ResumeStates(tracker, run_id, last_slot=slot)
         callbacks, bar = _callbacks(trial, spec, config, logger, job.progress)
         t_train = time.perf_counter()
 
+        def part_times(final_seconds: float = 0.0) -> dict[str, float]:
+            """This trial's share of the run: a resumed run's earlier parts are not in it."""
+            tracking = logger.seconds + states.seconds
+            return {"train_seconds": time.perf_counter() - t_train - tracking - final_seconds,
+                    "tracking_seconds": logger.seconds,
+                    "tracking_total_seconds": setup_seconds + tracking + final_seconds}
+
         def record_times(final_seconds: float = 0.0) -> dict[str, float]:
-            train_seconds = time.perf_counter() - t_train - logger.seconds - final_seconds
-            times = {"time/train_seconds": train_seconds,
-                     "time/tracking_seconds": logger.seconds,
-                     "time/tracking_total_seconds": setup_seconds + logger.seconds + final_seconds}
-            for key, value in times.items():
-                trial.set_user_attr(key.split("/", 1)[1], value)
-            return times
+            """Set this trial's times as user attrs; return the run's (all parts) as metrics."""
+            part = part_times(final_seconds)
+            for key, value in part.items():
+                trial.set_user_attr(key, value)
+            return {f"time/{k}": v + before.get(k, 0.0) for k, v in part.items()}
+
+        def save(state: dict) -> None:
+            part = part_times()
+            state["runner_seconds"] = {k: v + before.get(k, 0.0) for k, v in part.items()}
+            states.save(state)
+            trial.set_user_attr("checkpoint_epoch", state["epoch"])
 
         try:
-            result = train(config, callbacks, splits=splits)
+            result = train(config, callbacks, splits=splits, resume=state,
+                           checkpointing=Checkpointing(save=save, stop=STOP))
+        except TrainingStopped as exc:
+            bar.close()
+            reason = (f"{exc} ({STOP.reason}); run the same command again to resume from "
+                      f"there")
+            trial.set_user_attr("stopped", reason)
+            tracker.log_metrics(run_id, record_times(), step=exc.epoch)
+            tracker.end_run(run_id, "KILLED", reason=reason)
+            _say(f"{run_name} stopped at the end of epoch {exc.epoch} of {config.epochs}, "
+                 f"resumable ({STOP.reason})")
+            raise TrialFailed(reason) from exc
         except optuna.TrialPruned as exc:
             bar.close()
             tracker.set_tags(run_id, {"pruned": str(exc)})
@@ -393,6 +466,37 @@ class Objective:
         tracker.end_run(run_id, "FINISHED")
         return values[0] if len(values) == 1 else tuple(values)
 
+    def _resumable(self, trial, params, config):
+        """(run id, state, slot, trial number) of the newest resumable state saved by an
+        earlier trial at this point that was stopped or whose worker died (not one that failed
+        in training: resuming would fail again), if it still fits the config; else None."""
+        from optuna.trial import TrialState
+
+        from study.tracking import ResumeStates
+        from study.train import resume_problem
+
+        key = point_key(self.spec, params)
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                   if t.number < trial.number and point_key(self.spec, t.params) == key
+                   and "mlflow_run_id" in t.user_attrs and "failure_reason" not in t.user_attrs
+                   and "duplicate_of" not in t.user_attrs]
+        for t in sorted(earlier, key=lambda t: -t.number):
+            run_id = t.user_attrs["mlflow_run_id"]
+            try:
+                found = ResumeStates.newest(self.tracker, run_id)
+            except Exception:  # a run in another store, or deleted: nothing to resume
+                continue
+            if found is None:
+                continue
+            state, slot = found
+            problem = resume_problem(config, state)
+            if problem:
+                _say(f"trial {trial.number}: not resuming run {run_id} ({problem}); "
+                     f"training from the start")
+                return None
+            return run_id, state, slot, t.number
+        return None
+
     def _refuse_duplicate(self, trial, params) -> None:
         """Two workers that picked the same point at once: the later trial steps aside."""
         from optuna.trial import TrialState
@@ -428,7 +532,7 @@ def run_study_trials(job: Job, cache: SplitsCache, tracker, on_trial=None) -> No
         optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + re-queued
         fail_dead_local_trials(study, tracker)  # this host's dead workers: at once
     close_orphan_runs(study, tracker)
-    while True:
+    while not STOP():
         trials = study.get_trials(deepcopy=False)
         counts = count_states(trials)
         if spec.sampler == "grid":
@@ -451,10 +555,14 @@ def run_study_trials(job: Job, cache: SplitsCache, tracker, on_trial=None) -> No
 
 def close_orphan_runs(study, tracker) -> None:
     """End as FAILED the MLflow runs of trials that failed without ending them: their worker
-    died and the heartbeat marked the trial FAIL (it is re-queued with the same params)."""
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+    died and the heartbeat marked the trial FAIL (it is re-queued with the same params).
+    A run that a later trial resumed belongs to that trial and is left alone."""
+    trials = study.get_trials(deepcopy=False)
+    claimed = {t.user_attrs.get("mlflow_run_id") for t in trials
+               if t.state != optuna.trial.TrialState.FAIL}
+    for trial in trials:
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if not run_id:
+        if trial.state != optuna.trial.TrialState.FAIL or not run_id or run_id in claimed:
             continue
         try:
             status = tracker.client.get_run(run_id).info.status
@@ -595,12 +703,19 @@ def work(jobs: list[Job], on_trial=None) -> None:
         torch.set_num_threads(jobs[0].threads)
     cache = SplitsCache()
     trackers: dict[str, Tracker] = {}
+    STOP.reason, STOP.deadline = None, jobs[0].stop_at if jobs else None
+    previous = signal.signal(signal.SIGTERM, STOP.on_signal)
     # torch's OpenMP pool does the heavy work; numpy/scipy's OpenBLAS pool, spinning beside it,
     # made the sklearn probe of the test metrics 15-300x slower on this 2-core machine.
-    with threadpool_limits(limits=1, user_api="blas"):
-        for job in jobs:
-            tracker = trackers.setdefault(job.tracking_uri, Tracker(job.tracking_uri))
-            run_study_trials(job, cache, tracker, on_trial)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            for job in jobs:
+                if STOP():
+                    break
+                tracker = trackers.setdefault(job.tracking_uri, Tracker(job.tracking_uri))
+                run_study_trials(job, cache, tracker, on_trial)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_process(jobs: list[Job]) -> None:
@@ -724,6 +839,8 @@ def cmd_run(args) -> int:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     if args.device not in DEVICES:
         raise UsageError(f"unknown device {args.device!r}; choose one of {', '.join(DEVICES)}")
+    if args.stop_after is not None and not args.stop_after > 0:
+        raise UsageError(f"--stop-after must be > 0 minutes, got {args.stop_after}")
     if args.worker and not args.study:
         raise UsageError("--worker joins one study: name it with --study NAME (make worker STUDY=...)")
     names = args.study or suite_names(args.profile)
@@ -756,7 +873,8 @@ def cmd_run(args) -> int:
                 tracker.end_run(prep.parent_run_id, "FAILED", reason="the suite did not start")
         raise
     threads = max(1, available_cores() // args.jobs)
-    jobs = [replace(p.job, threads=threads) for p in preps]
+    stop_at = time.time() + 60 * args.stop_after if args.stop_after else None
+    jobs = [replace(p.job, threads=threads, stop_at=stop_at) for p in preps]
     total = sum(p.spec.size() for p in preps)
     print(f"running {len(preps)} stud{'y' if len(preps) == 1 else 'ies'} "
           f"({', '.join(p.spec.study_name for p in preps)}), profile {args.profile}, "
@@ -776,6 +894,9 @@ def cmd_run(args) -> int:
             code = _run_processes(jobs, args.jobs, lambda: _progress_count(storage, preps), bar)
             if code:
                 status = "FAILED"
+        if STOP.reason and not code:
+            status = "KILLED"
+            code = 128 + signal.SIGTERM if STOP.reason.startswith("SIGTERM") else 0
     except KeyboardInterrupt:
         status, code = "KILLED", 130
     except BaseException:
@@ -794,6 +915,9 @@ def cmd_run(args) -> int:
               + (f"; tracking {overhead:.2f}% of training time "
                  f"({summary['tracking_total_overhead_pct']:.1f}% with artifacts)"
                  if overhead is not None else ""))
+    if STOP.reason:
+        print(f"stopped ({STOP.reason}): running trials saved a resumable state; the same "
+              f"command resumes them.")
     print(f"took {wall:.0f} s. Look at the runs with `make ui` (MLflow, {redact(args.tracking_uri)}),"
           f" the studies with `make dashboard` (Optuna), and the reports with `make report` "
           f"(reports/index.html).")
@@ -815,6 +939,14 @@ def _run_processes(jobs: list[Job], n: int, progress, bar) -> int:
         proc = ctx.Process(target=_worker_process, args=(worker_jobs,), name=f"vae-worker-{i}")
         proc.start()
         procs.append(proc)
+
+    def forward(signum, frame):  # each worker finishes its epoch and saves
+        STOP.on_signal(signum, frame)
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(2)
@@ -826,6 +958,8 @@ def _run_processes(jobs: list[Job], n: int, progress, bar) -> int:
             if proc.is_alive():
                 proc.terminate()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     codes = [p.exitcode for p in procs]
     bad = [c for c in codes if c]
     if bad:
@@ -924,6 +1058,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "sqlite:///<repo>/mlruns/mlflow.db, artifacts beside it; or http://host:port)")
     run.add_argument("--worker", action="store_true",
                      help="join an existing study on a shared storage; create nothing else")
+    run.add_argument("--stop-after", type=float, metavar="MINUTES",
+                     help="after this many minutes, stop running trials at their next epoch "
+                          "end with a resumable state (so does SIGTERM); the same command "
+                          "resumes them")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="list the studies of the suite and their sizes",

@@ -276,17 +276,29 @@ class Tracker:
         self.client.set_terminated(run_id, status=status, end_time=_now_ms())
         self._artifact_uris.pop(run_id, None)
 
-    def log_artifacts(self, run_id: str, folder: Path) -> None:
-        """Every file of `folder` into the run's artifacts. For a run this tracker created, the
-        artifact repository comes from the URI create_run returned; MlflowClient would first
-        fetch the whole run (its params, tags and latest metrics) to learn it: 15 ms a trial."""
+    def reopen_run(self, run_id: str, name: str, tags: dict) -> None:
+        """Set a stopped or failed run RUNNING again (a resumed trial goes on in it): new name
+        and `tags`, the old end's failure_reason / stop_reason removed."""
+        run = self.client.get_run(run_id)
+        for key in ("failure_reason", "stop_reason"):
+            if key in run.data.tags:
+                self.client.delete_tag(run_id, key)
+        self.client.update_run(run_id, status="RUNNING", name=name)
+        self.set_tags(run_id, tags)
+        self._artifact_uris[run_id] = run.info.artifact_uri
+
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        """Every file of `folder` into the run's artifacts (under `artifact_path`). For a run
+        this tracker created, the artifact repository comes from the URI create_run returned;
+        MlflowClient would first fetch the whole run (params, tags, latest metrics): 15 ms."""
         uri = self._artifact_uris.get(run_id)
         if uri is None:
-            self.client.log_artifacts(run_id, str(folder))
+            self.client.log_artifacts(run_id, str(folder), artifact_path)
             return
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(str(folder))
+        get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(str(folder),
+                                                                          artifact_path)
 
 
 class TrialLogger(Callback):
@@ -306,8 +318,12 @@ class TrialLogger(Callback):
     STEP_KEYS = {"train/recon": "step/train_recon", "train/kl": "step/train_kl",
                  "beta": "step/beta"}
 
-    def __init__(self, tracker: Tracker, run_id: str):
+    def __init__(self, tracker: Tracker, run_id: str, logged_through: int = 0):
         self.tracker, self.run_id = tracker, run_id
+        self.logged_through = logged_through
+        """A resumed run's epochs up to here are in the store already (logged before a kill,
+        after the last checkpoint): their recomputed values, the same numbers, are not
+        logged twice."""
         self.seconds = 0.0
         self._pending: list[tuple[str, float, int]] = []
 
@@ -317,6 +333,8 @@ class TrialLogger(Callback):
         self.seconds += time.perf_counter() - t
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch <= self.logged_through:
+            return
         t = time.perf_counter()
         rows, self._pending = self._pending, []
         rows += [(k, v, epoch) for k, v in metrics.items()]
@@ -565,6 +583,59 @@ def save_checkpoint(result: TrainResult, path: Path) -> None:
         "likelihood_state": {k: v.detach().cpu() for k, v in result.likelihood.state_dict().items()},
         "config": dataclasses.asdict(result.config),
     }, path)
+
+
+RESUME_ARTIFACTS = "resume"
+RESUME_SLOTS = ("state-a.pt", "state-b.pt")
+"""A run's resumable state alternates between two artifact files, so that a kill while one
+is being written leaves the other, one checkpoint older, to resume from."""
+
+
+class ResumeStates:
+    """Saves a trial's resumable states (`study.train.resume_state`) as artifacts of its run,
+    under resume/, and finds the newest one that loads. Loading uses weights_only=True."""
+
+    def __init__(self, tracker: Tracker, run_id: str, last_slot: str | None = None):
+        self.tracker, self.run_id = tracker, run_id
+        self.last_slot = last_slot
+        self.seconds = 0.0
+
+    def save(self, state: dict) -> None:
+        t = time.perf_counter()
+        slot = RESUME_SLOTS[1] if self.last_slot == RESUME_SLOTS[0] else RESUME_SLOTS[0]
+        with tempfile.TemporaryDirectory(prefix="vae-resume-") as tmp:
+            torch.save(state, Path(tmp) / slot)
+            self.tracker.log_artifacts(self.run_id, Path(tmp), RESUME_ARTIFACTS)
+        self.last_slot = slot
+        self.seconds += time.perf_counter() - t
+
+    @staticmethod
+    def newest(tracker: Tracker, run_id: str) -> tuple[dict, str] | None:
+        """(state, slot) of the newest state of `run_id` that loads; None if it has none."""
+        import mlflow.artifacts
+
+        names = {Path(f.path).name for f in tracker.client.list_artifacts(run_id, RESUME_ARTIFACTS)}
+        best = None
+        with tempfile.TemporaryDirectory(prefix="vae-resume-") as tmp:
+            for slot in RESUME_SLOTS:
+                if slot not in names:
+                    continue
+                try:
+                    path = mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=f"{RESUME_ARTIFACTS}/{slot}", dst_path=tmp,
+                        tracking_uri=tracker.uri)
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception:  # a file cut short by a kill: the other slot is older
+                    continue
+                if best is None or state.get("epoch", 0) > best[0].get("epoch", 0):
+                    best = (state, slot)
+        return best
+
+
+def last_logged_epoch(tracker: Tracker, run_id: str) -> int:
+    """The last epoch whose per-epoch metrics are in the run (0 if none)."""
+    history = tracker.client.get_metric_history(run_id, "epoch_seconds")
+    return max((m.step for m in history), default=0)
 
 
 def log_trial_artifacts(tracker: Tracker, run_id: str, result: TrainResult, splits) -> None:

@@ -7,8 +7,10 @@ device buffer, read once per epoch, so logging never stalls the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +26,54 @@ from study.objective import beta_at, elbo_terms
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the message names epoch and step."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped at an epoch end because `Checkpointing.stop` asked; the state of that
+    epoch end was saved first, so a later `train(..., resume=state)` goes on from it."""
+
+    def __init__(self, epoch: int, epochs: int):
+        super().__init__(f"stopped at the end of epoch {epoch} of {epochs}")
+        self.epoch = epoch
+
+
+@dataclass
+class Checkpointing:
+    """How `train` saves resumable states. `save(state)` receives `resume_state(...)` at the
+    first epoch end `config.checkpoint_minutes` after the previous save (or the start), and at
+    the epoch end where `stop()` first returns True; `train` then raises TrainingStopped.
+    Nothing is saved after the last epoch: a finished run needs no resuming."""
+
+    save: Callable[[dict], None]
+    stop: Callable[[], bool] = lambda: False
+
+
+RESUME_FORMAT = 1
+# Fields that say where and how fast a run trains, not what it computes: a run may resume
+# with other values of these (another device, thread count, compile setting or checkpoint
+# cadence, another data folder) and still produce the run it started.
+RUN_ONLY_FIELDS = ("device", "threads", "compile", "checkpoint_minutes", "data_root")
+
+
+def resume_problem(config: Config, state: dict) -> str | None:
+    """Why `state` cannot continue a run of `config` (None when it can): another format, or a
+    config that differs in a field that changes the result."""
+    if state.get("format") != RESUME_FORMAT:
+        return f"resume format {state.get('format')!r}, expected {RESUME_FORMAT}"
+    saved = state.get("config", {})
+    ours = dataclasses.asdict(config)
+    differ = [name for name in Config.field_names()
+              if name not in RUN_ONLY_FIELDS and _plain(saved.get(name)) != _plain(ours[name])]
+    if differ:
+        return "the config changed since the state was saved: " + ", ".join(
+            f"{name} {saved.get(name)!r} -> {ours[name]!r}" for name in differ)
+    if not 0 < state.get("epoch", 0) < config.epochs:
+        return f"the state is at epoch {state.get('epoch')} of {config.epochs}"
+    return None
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 class Callback:
@@ -129,6 +179,36 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0
 
+    def state_dict(self) -> dict:
+        """Everything the next epoch depends on: the weights, Adam's moments, the noise
+        generator and the counters (each epoch's order and binary draw follow from the seed
+        and the epoch number). Tensors are copied to the CPU."""
+        def cpu(tree):
+            if isinstance(tree, torch.Tensor):
+                return tree.detach().to("cpu", copy=True)
+            if isinstance(tree, dict):
+                return {k: cpu(v) for k, v in tree.items()}
+            if isinstance(tree, (list, tuple)):
+                return type(tree)(cpu(v) for v in tree)
+            return tree
+
+        return cpu({
+            "model": self.model.state_dict(),
+            "likelihood": self.likelihood.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+        })
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output, on this trainer's device."""
+        self.model.load_state_dict(state["model"])
+        self.likelihood.load_state_dict(state["likelihood"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+
     def run_epoch(self) -> tuple[dict[str, float], torch.Tensor, list[float]]:
         """Train one epoch. Returns the epoch's train metrics, the per-step (loss, recon, kl)
         on the CPU, and the beta of every step. Raises NonFiniteLoss."""
@@ -179,23 +259,44 @@ class Trainer:
         return out
 
 
+def resume_state(trainer: Trainer, result: TrainResult, seconds: float) -> dict:
+    """A resumable state: the trainer's, the history so far, the seconds trained so far and
+    the config, all plain types and tensors (`torch.load(..., weights_only=True)` reads it)."""
+    return {"format": RESUME_FORMAT, **trainer.state_dict(),
+            "history": [dict(row) for row in result.history], "seconds": seconds,
+            "config": dataclasses.asdict(trainer.config)}
+
+
 def train(
     config: Config,
     callbacks: list[Callback] | tuple = (),
     splits: Splits | None = None,
     evaluate_at_end: bool = True,
+    resume: dict | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """Train a VAE as `config` says; validate each epoch; evaluate the test split at the end.
 
-    Deterministic for a seed on the CPU. Raises NonFiniteLoss naming the epoch and step.
-    `epoch_seconds` times the training steps only, not validation.
+    Deterministic for a seed on the CPU, also across a stop and `resume` (a `resume_state`,
+    checked with `resume_problem`): the resumed run ends with the weights and history of an
+    uninterrupted one. Raises NonFiniteLoss naming the epoch and step, and TrainingStopped
+    when `checkpointing.stop()` asks. `epoch_seconds` times the training steps only, not
+    validation; `result.seconds` counts every part of a resumed run.
     """
     trainer = Trainer(config, splits)
     result = TrainResult(config, trainer.model, trainer.likelihood, device=trainer.device)
+    before = 0.0
+    if resume is not None:
+        problem = resume_problem(config, resume)
+        if problem:
+            raise UsageError(f"cannot resume: {problem}")
+        trainer.load_state_dict(resume)
+        result.history = [dict(row) for row in resume["history"]]
+        before = float(resume["seconds"])
     for cb in callbacks:
         cb.on_train_start(trainer.model, trainer.likelihood, trainer.splits)
-    t_start = time.perf_counter()
-    for _ in range(config.epochs):
+    t_start = last_save = time.perf_counter()
+    while trainer.epoch < config.epochs:
         metrics, stats, betas = trainer.run_epoch()
         if trainer.epoch == 1:  # the early KL transient, every few steps of the first epoch
             for i in range(config.step_log_every - 1, trainer.steps_per_epoch,
@@ -207,7 +308,14 @@ def train(
         result.history.append(metrics)
         for cb in callbacks:
             cb.on_epoch(trainer.epoch, metrics)
-    result.seconds = time.perf_counter() - t_start
+        if checkpointing is not None and trainer.epoch < config.epochs:
+            stop, now = checkpointing.stop(), time.perf_counter()
+            if stop or now - last_save >= 60 * config.checkpoint_minutes:
+                checkpointing.save(resume_state(trainer, result, before + now - t_start))
+                last_save = time.perf_counter()
+            if stop:
+                raise TrainingStopped(trainer.epoch, config.epochs)
+    result.seconds = before + time.perf_counter() - t_start
     if evaluate_at_end:
         result.test = evaluate_test(trainer.model, trainer.likelihood, trainer.splits, config)
     return result

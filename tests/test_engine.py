@@ -345,3 +345,54 @@ def test_a_compile_failure_falls_back_to_eager_once(tiny_config, monkeypatch):
     assert fallback.step_fn.compiled is None
     m_eager, steps_eager, _ = eager.run_epoch()
     assert torch.allclose(steps_eager, steps_fallback)  # the same noise, the same steps
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(tiny_config, tmp_path):
+    """Stop at an epoch end, save, load with weights_only (what a checkpoint file allows),
+    resume: the weights, Adam's moments, history and test metrics are those of a run that was
+    never stopped (dynamic binarization and a learning-rate stage change cross the stop)."""
+    from study.train import Checkpointing, TrainingStopped, resume_problem
+
+    config = tiny_config.replace(epochs=5, train_subset=600, binarize="dynamic",
+                                 lr_schedule="burda", test_iw_k=5, checkpoint_minutes=60)
+    straight = train(config)
+
+    saved = []
+    stop_after_epoch = 2
+    checkpointing = Checkpointing(save=saved.append,
+                                  stop=lambda: len(rec.epochs) == stop_after_epoch)
+    rec = Recorder()
+    with pytest.raises(TrainingStopped, match="stopped at the end of epoch 2 of 5") as stopped:
+        train(config, [rec], checkpointing=checkpointing)
+    assert stopped.value.epoch == 2 and len(saved) == 1  # 60 minutes never passed: one save
+    path = tmp_path / "state.pt"
+    torch.save(saved[0], path)
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert resume_problem(config, state) is None
+    assert "latent_dim 20 -> 8" in resume_problem(config.replace(latent_dim=8), state)
+    assert resume_problem(config.replace(threads=1, checkpoint_minutes=0), state) is None
+
+    rec = Recorder()
+    resumed = train(config, [rec], resume=state)
+    assert [e for e, _ in rec.epochs] == [3, 4, 5]  # only the epochs not yet run
+    assert _same_but_time(resumed.history, straight.history)
+    assert resumed.test == straight.test
+    for (name, a), b in zip(straight.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.seconds >= state["seconds"]
+
+
+def test_checkpoints_follow_the_cadence(tiny_config):
+    """checkpoint_minutes = 0 saves at every epoch end but the last; a finished run is never
+    saved (it needs no resuming)."""
+    from study.train import Checkpointing
+
+    saved = []
+    config = tiny_config.replace(epochs=3, train_subset=300, checkpoint_minutes=0, test_iw_k=2)
+    train(config, checkpointing=Checkpointing(save=saved.append), evaluate_at_end=False)
+    assert [s["epoch"] for s in saved] == [1, 2]
+    assert [len(s["history"]) for s in saved] == [1, 2]
+    assert "checkpoint_minutes must be >= 0" in " ".join(
+        config.replace(checkpoint_minutes=-1).validate())

@@ -1,0 +1,206 @@
+"""Long trials resume mid-run: a study stopped by SIGTERM, or killed with SIGKILL, after a
+checkpoint goes on, when the same command runs again, in the same MLflow run from the saved
+epoch, and ends with exactly the history and test metrics of a study never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# One point, a checkpoint at every epoch end; dynamic binarization and the learning-rate
+# stages of Burda et al. (1 + 3 + 9 epochs) both cross the interruption.
+EPOCHS = 12
+SPEC = f"""
+sampler = "grid"
+[space]
+beta = [1.0]
+[fixed]
+train_subset = 3000
+val_size = 300
+test_subset = 200
+batch_size = 100
+test_iw_k = 5
+latent_dim = 4
+binarize = "dynamic"
+lr_schedule = "burda"
+epochs = {EPOCHS}
+checkpoint_minutes = 0
+"""
+
+
+def runner_args(folder: Path) -> list[str]:
+    return ["run", "--study", str(folder / "resume.toml"), "--profile", "smoke",
+            "--device", "cpu", "--storage", f"sqlite:///{folder}/optuna.db",
+            "--tracking-uri", f"sqlite:///{folder}/mlflow.db"]
+
+
+def start(folder: Path, log_name: str, data_root: Path) -> subprocess.Popen:
+    (folder / "resume.toml").write_text(textwrap.dedent(SPEC))
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "VAE_DATA_ROOT": str(data_root)}
+    with open(folder / log_name, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "study.runner", *runner_args(folder)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def checkpoint_epoch(folder: Path) -> int:
+    """The newest checkpoint_epoch of any trial, read-only straight from SQLite (0 if none)."""
+    db = folder / "optuna.db"
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute("SELECT value_json FROM trial_user_attributes "
+                            "WHERE key = 'checkpoint_epoch'").fetchall()
+    except sqlite3.OperationalError:  # no tables yet
+        return 0
+    finally:
+        conn.close()
+    return max((json.loads(v) for (v,) in rows), default=0)
+
+
+def interrupt(folder: Path, data_root: Path, sig: int, at_epoch: int) -> subprocess.Popen:
+    """Start the study and send `sig` to its process group once epoch `at_epoch` is saved."""
+    proc = start(folder, "interrupted.log", data_root)
+    deadline = time.monotonic() + 240
+    while checkpoint_epoch(folder) < at_epoch:
+        assert proc.poll() is None, (folder / "interrupted.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, (folder / "interrupted.log").read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, sig)
+    return proc
+
+
+def trial_runs(folder: Path):
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("resume")
+    return client, client.search_runs([experiment.experiment_id], "tags.run_kind = 'trial'")
+
+
+def curves(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """(epoch, value) of the per-epoch curves a reader compares, in logging order."""
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+            for key in ("val/nelbo", "train/loss", "lr", "val/kl_dim_00")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    """The same study, never interrupted: its one run's curves and test metrics."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    assert finish(start(folder, "run.log", data_root)) == 0, (folder / "run.log").read_text()
+    client, (run,) = trial_runs(folder)
+    return curves(client, run.info.run_id), {k: v for k, v in run.data.metrics.items()
+                                             if k.startswith("test/")}
+
+
+def assert_resumed_like_uninterrupted(folder: Path, uninterrupted) -> tuple:
+    expected_curves, expected_test = uninterrupted
+    client, runs = trial_runs(folder)
+    (run,) = runs  # the resumed trial went on in the stopped trial's run
+    assert run.info.status == "FINISHED"
+    assert "stop_reason" not in run.data.tags and "failure_reason" not in run.data.tags
+    got = curves(client, run.info.run_id)
+    assert got == expected_curves  # every epoch once, and the same numbers
+    assert [s for s, _ in got["val/nelbo"]] == list(range(1, EPOCHS + 1))
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("test/")} == expected_test
+    study = optuna.load_study(study_name="resume-smoke", storage=f"sqlite:///{folder}/optuna.db")
+    first, second = study.trials
+    assert first.state.name == "FAIL" and second.state.name == "COMPLETE"
+    assert first.user_attrs["mlflow_run_id"] == second.user_attrs["mlflow_run_id"] \
+        == run.info.run_id
+    assert second.user_attrs["resumed_from_trial"] == first.number
+    assert run.data.tags["resumed_at_epoch"] == str(second.user_attrs["resumed_at_epoch"])
+    return run, first, second
+
+
+def test_sigterm_stops_at_an_epoch_end_and_the_same_command_resumes(tmp_path, data_root,
+                                                                    uninterrupted):
+    proc = interrupt(tmp_path, data_root, signal.SIGTERM, at_epoch=2)
+    assert finish(proc, timeout=60) == 128 + signal.SIGTERM
+    log = (tmp_path / "interrupted.log").read_text()
+    assert "resumable (SIGTERM received)" in log and "the same command resumes them" in log
+
+    client, (run,) = trial_runs(tmp_path)
+    assert run.info.status == "KILLED"
+    stopped_at = int(run.data.tags["stop_reason"].split("end of epoch ")[1].split()[0])
+    assert 2 <= stopped_at < EPOCHS
+    assert "run the same command again to resume" in run.data.tags["stop_reason"]
+    saved = [f.path for f in client.list_artifacts(run.info.run_id, "resume")]
+    assert saved and all(p.startswith("resume/state-") for p in saved)
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "val/nelbo")]
+    assert logged == list(range(1, stopped_at + 1))  # nothing after the stop
+
+    again = start(tmp_path, "again.log", data_root)
+    assert finish(again) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    assert f"resuming run {run.info.run_id} at epoch {stopped_at} of {EPOCHS}" in \
+        (tmp_path / "again.log").read_text()
+    _, first, second = assert_resumed_like_uninterrupted(tmp_path, uninterrupted)
+    assert first.user_attrs["checkpoint_epoch"] == stopped_at == \
+        second.user_attrs["resumed_at_epoch"]
+    assert "SIGTERM received" in first.user_attrs["stopped"]
+
+
+def test_a_killed_trial_resumes_from_its_last_checkpoint(tmp_path, data_root, uninterrupted):
+    """SIGKILL lands anywhere: maybe after an epoch was logged but before it was saved. The
+    re-queued trial resumes from the newest state that loads and logs no epoch twice."""
+    proc = interrupt(tmp_path, data_root, signal.SIGKILL, at_epoch=3)
+    proc.wait()
+    client, (run,) = trial_runs(tmp_path)
+    assert run.info.status == "RUNNING"  # the kill landed inside the trial
+
+    again = start(tmp_path, "again.log", data_root)
+    assert finish(again) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    log = (tmp_path / "again.log").read_text()
+    assert "FAILED: worker process" in log and f"resuming run {run.info.run_id}" in log
+    _, first, second = assert_resumed_like_uninterrupted(tmp_path, uninterrupted)
+    assert second.system_attrs.get("failed_trial") == first.number  # the re-queued trial
+    assert second.user_attrs["resumed_at_epoch"] >= 3
+
+
+def test_stop_after_must_be_positive(tmp_path):
+    from study.runner import main
+
+    assert main(["run", "--study", "loss_choice", "--stop-after", "0",
+                 "--storage", f"sqlite:///{tmp_path}/o.db"]) == 2
+    assert not (tmp_path / "o.db").exists()
+
+
+def test_a_resumed_logger_skips_the_epochs_already_in_the_run(tmp_path):
+    """After a kill between logging an epoch and saving it, the resumed trial recomputes that
+    epoch (the same numbers); TrialLogger does not log it a second time."""
+    from study.tracking import Tracker, TrialLogger, last_logged_epoch
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = tracker.start_run(tracker.experiment_id("resume-logger"), "run", {})
+    first = TrialLogger(tracker, run_id)
+    for epoch in (1, 2, 3):
+        first.on_epoch(epoch, {"val/nelbo": 100.0 - epoch, "epoch_seconds": 0.1})
+    assert last_logged_epoch(tracker, run_id) == 3
+    resumed = TrialLogger(tracker, run_id, logged_through=last_logged_epoch(tracker, run_id))
+    for epoch in (3, 4):  # resumed from a state saved at epoch 2
+        resumed.on_epoch(epoch, {"val/nelbo": 100.0 - epoch, "epoch_seconds": 0.1})
+    history = tracker.client.get_metric_history(run_id, "val/nelbo")
+    assert [(m.step, m.value) for m in history] == [(1, 99.0), (2, 98.0), (3, 97.0), (4, 96.0)]
