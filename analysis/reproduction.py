@@ -197,11 +197,17 @@ def duration(seconds: float) -> str:
 
 
 def run_seconds(store: RunStore, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per run: `wall` (end - start of the MLflow run: training, evaluation and logging) and
-    `train` (the runner's `time/train_seconds`, training alone; NaN where not logged)."""
+    """Per run: `wall` (training, evaluation and logging: the runner's `time/run_seconds`,
+    summed over the parts of a stopped and resumed run; else the MLflow run's end - start)
+    and `train` (the runner's `time/train_seconds`, training alone; NaN where not logged)."""
     client = store.client
     wall = []
-    for run_id in runs["run_id"]:
+    logged = runs["time/run_seconds"] if "time/run_seconds" in runs else \
+        pd.Series(math.nan, index=runs.index)
+    for run_id, seconds in zip(runs["run_id"], logged, strict=True):
+        if pd.notna(seconds):
+            wall.append(float(seconds))
+            continue
         info = client.get_run(run_id).info
         ok = info.start_time and info.end_time
         wall.append((info.end_time - info.start_time) / 1000 if ok else math.nan)
@@ -230,6 +236,65 @@ def machine_text(runs: pd.DataFrame) -> str:
         parts[0] += f" ({tag('machine')})"
     parts.append(f"torch {tag('torch_version') or '—'}")
     return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A run of the study that has not finished: stopped resumably, or still running."""
+
+    label: str
+    seed: int
+    epoch: int
+    """Epochs completed and logged."""
+    epochs: int
+    val_nelbo: float
+    train_seconds: float
+    """The run's training steps so far (its per-epoch `epoch_seconds`, summed)."""
+    state: str
+    """`running`, or why it stopped."""
+    profile: str
+
+
+def unfinished_runs(store: RunStore) -> list[Unfinished]:
+    """The study's runs that are RUNNING, or were stopped with a resumable state (KILLED by
+    SIGTERM or --stop-after): how far each got. Failed and pruned runs are not listed."""
+    frame = store.frame
+    runs = frame[frame["study"] == STUDY]
+    stop = runs["tag/stop_reason"].fillna("") if "tag/stop_reason" in runs else \
+        pd.Series("", index=runs.index)
+    runs = runs[(runs["status"] == "RUNNING")
+                | ((runs["status"] == "KILLED") & stop.str.contains("resume"))]
+    labels = {row.variant: row.label for row in TABLE1}
+    history = store.history(list(runs["run_id"]), ["val/nelbo", "epoch_seconds"])
+    out = []
+    for r in runs.assign(variant=_variant(runs)).to_dict("records"):
+        mine = history[history["run_id"] == r["run_id"]]
+        curve = mine[mine["key"] == "val/nelbo"]
+        last = curve.iloc[-1] if not curve.empty else None
+        state = "running" if r["status"] == "RUNNING" else \
+            str(r["tag/stop_reason"]).split(";")[0]
+        out.append(Unfinished(
+            labels.get(r["variant"], r["variant"]), int(r["seed"]),
+            int(last["step"]) if last is not None else 0, int(r["epochs"]),
+            float(last["value"]) if last is not None else math.nan,
+            float(mine.loc[mine["key"] == "epoch_seconds", "value"].sum()), state,
+            str(r.get("tag/profile", "default"))))
+    return out
+
+
+def unfinished_text(runs: list[Unfinished]) -> str:
+    """One sentence per unfinished run; they count nowhere above until they finish."""
+    lines = []
+    for u in runs:
+        lines.append(
+            f"{u.label}, seed {u.seed}: epoch {u.epoch:,} of {u.epochs:,} "
+            f"({stages_text(u.epoch)}), validation NELBO {nats(u.val_nelbo)} nats per image "
+            f"(one posterior sample, not the k-sample test bound), after "
+            f"{duration(u.train_seconds)} of training steps; {u.state}.")
+    profiles = sorted({u.profile for u in runs})
+    again = " or ".join(f'"make study STUDY={STUDY} PROFILE={p}"' for p in profiles)
+    return (" ".join(lines) + f" Unfinished runs are not in Table 1. Running {again} again "
+            f"resumes a stopped run from its last saved state.")
 
 
 # --------------------------------------------------------------------------- the report
@@ -273,7 +338,8 @@ def budget_table(rows: list[Row], runs: pd.DataFrame, seconds: pd.DataFrame) -> 
         caption=f"The budget behind our numbers (the shortest run of each row). The paper: "
                 f"{PAPER_EPOCHS:,} epochs ({SCHEDULE_STAGES} stages, stage i has 3^i passes), "
                 f"k = {PAPER_TEST_K:,} on {MNIST_TEST_IMAGES:,} test images. Wall time is each "
-                f"MLflow run's start to end (training, test evaluation, logging).")
+                f"run's training, test evaluation and logging, summed over the parts of a run "
+                f"that was stopped and resumed.")
 
 
 def budget_line(rows: list[Row]) -> str:
@@ -289,28 +355,42 @@ def budget_line(rows: list[Row]) -> str:
 
 
 def build(ctx: Context) -> Report | None:
-    """The reproduction page, or None when the store has no finished burda2016 runs."""
+    """The reproduction page, or None when the store has no burda2016 runs finished, running
+    or stopped resumably."""
     store = ctx.store
     runs = store.finished(STUDY)
-    if runs.empty:
+    unfinished = unfinished_runs(store)
+    if runs.empty and not unfinished:
         return None
     rows = rows_of(runs)
-    seconds = run_seconds(store, runs)
     verdicts = [f"{r.paper.label}: {verdict(r)}." for r in rows]
     sections = [
-        Section("Table 1", [table1(rows), Text(budget_line(rows))]),
+        Section("Table 1", [table1(rows)] + ([Text(budget_line(rows))] if not runs.empty
+                                             else [])),
         Section("Verdict", [Text(v) for v in verdicts]),
-        Section("Budget", [budget_table(rows, runs, seconds), Text(
-            f"All runs together: {_time_text(seconds['wall'])} wall time on "
-            f"{machine_text(runs)}.")]),
-        Section("Where this code differs from the paper", [Markdown(ctx.render_md(
-            "reproduction_differences.md.j2", pixels=MNIST_PIXELS))]),
     ]
-    ours = "; ".join(f"{r.paper.label} {ours_text(r)} against {nats(r.paper.nll)}" for r in rows)
-    distinct = {verdict(r) for r in rows}
-    said = f"Both rows: {distinct.pop()}." if len(distinct) == 1 else " ".join(verdicts)
-    summary = (f"Table 1 of {PAPER}, one stochastic layer on MNIST, test NLL in nats per image. "
-               f"Ours: {ours}. {said}")
+    if unfinished:
+        sections.append(Section("Not finished yet", [Text(unfinished_text(unfinished))]))
+    if not runs.empty:
+        seconds = run_seconds(store, runs)
+        sections.append(Section("Budget", [budget_table(rows, runs, seconds), Text(
+            f"All runs together: {_time_text(seconds['wall'])} wall time on "
+            f"{machine_text(runs)}.")]))
+    sections.append(Section("Where this code differs from the paper", [Markdown(ctx.render_md(
+        "reproduction_differences.md.j2", pixels=MNIST_PIXELS))]))
+    summary = (f"Table 1 of {PAPER}, one stochastic layer on MNIST, test NLL in nats per "
+               f"image. ")
+    if runs.empty:
+        summary += "No finished runs yet."
+    else:
+        ours = "; ".join(f"{r.paper.label} {ours_text(r)} against {nats(r.paper.nll)}"
+                         for r in rows)
+        distinct = {verdict(r) for r in rows}
+        said = f"Both rows: {distinct.pop()}." if len(distinct) == 1 else " ".join(verdicts)
+        summary += f"Ours: {ours}. {said}"
+    if unfinished:
+        summary += (f" {len(unfinished)} run{'s' if len(unfinished) > 1 else ''} not finished "
+                    f"yet: see below.")
     machines = tables.values_text(runs["tag/machine"]) if "tag/machine" in runs else "not tagged"
     return Report("reproduction", "Reproduction: Burda et al. 2016, Table 1", summary,
                   tables.provenance(store, [STUDY], extra=[("machine", machines)]), sections)

@@ -281,7 +281,7 @@ class SplitsCache:
         return self.entries[key]
 
 
-def _callbacks(trial, spec: Spec, config, logger, progress: bool):
+def _callbacks(trial, spec: Spec, config, logger, progress: bool, done: int = 0):
     """Tracking first (so a pruned epoch is logged), then the pruner, then the epoch bar."""
     from study.train import Callback
 
@@ -298,8 +298,8 @@ def _callbacks(trial, spec: Spec, config, logger, progress: bool):
         def __init__(self):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=config.epochs, desc=f"  trial {trial.number}", unit="epoch",
-                            leave=False, disable=not progress)
+            self.bar = tqdm(total=config.epochs, initial=done, desc=f"  trial {trial.number}",
+                            unit="epoch", leave=False, disable=not progress)
 
         def on_epoch(self, epoch, metrics):
             self.bar.set_postfix_str(f"val/nelbo {metrics.get('val/nelbo', float('nan')):.1f}")
@@ -387,15 +387,18 @@ class Objective:
 
         logger = TrialLogger(tracker, run_id, logged_through)
         states = ResumeStates(tracker, run_id, last_slot=slot)
-        callbacks, bar = _callbacks(trial, spec, config, logger, job.progress)
+        callbacks, bar = _callbacks(trial, spec, config, logger, job.progress,
+                                    done=state["epoch"] if state else 0)
         t_train = time.perf_counter()
 
         def part_times(final_seconds: float = 0.0) -> dict[str, float]:
             """This trial's share of the run: a resumed run's earlier parts are not in it."""
             tracking = logger.seconds + states.seconds
-            return {"train_seconds": time.perf_counter() - t_train - tracking - final_seconds,
+            now = time.perf_counter()
+            return {"train_seconds": now - t_train - tracking - final_seconds,
                     "tracking_seconds": logger.seconds,
-                    "tracking_total_seconds": setup_seconds + tracking + final_seconds}
+                    "tracking_total_seconds": setup_seconds + tracking + final_seconds,
+                    "run_seconds": now - t_setup}
 
         def record_times(final_seconds: float = 0.0) -> dict[str, float]:
             """Set this trial's times as user attrs; return the run's (all parts) as metrics."""

@@ -114,14 +114,19 @@ def test_reproduction_page_from_the_smoke_runs(smoke, built):
     assert "Where this code differs from the paper" in seen["text"]
 
 
-def test_a_hostile_tag_is_shown_as_text(smoke, data_root, tmp_path):
+def copy_store(smoke, tmp_path) -> str:
+    """A copy of the smoke study's MLflow store, to change without touching the original."""
     copy = tmp_path / "mlflow.db"
     # sqlite's backup, not a file copy: the latest writes may still sit in the write-ahead log
     source, dest = sqlite3.connect(smoke["uri"][len("sqlite:///"):]), sqlite3.connect(copy)
     source.backup(dest)
     source.close()
     dest.close()
-    uri = f"sqlite:///{copy}"
+    return f"sqlite:///{copy}"
+
+
+def test_a_hostile_tag_is_shown_as_text(smoke, data_root, tmp_path):
+    uri = copy_store(smoke, tmp_path)
     MlflowClient(tracking_uri=uri).set_tag(smoke["runs"]["vae"].info.run_id, "machine", HOSTILE)
     out = tmp_path / "reports"
     assert report.main(["--tracking-uri", uri, "--out", str(out), "--data-root", str(data_root),
@@ -129,6 +134,39 @@ def test_a_hostile_tag_is_shown_as_text(smoke, data_root, tmp_path):
     html, md = (out / "reproduction.html").read_text(), (out / "reproduction.md").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script" not in html.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "<script" not in md.lower()
+
+
+def test_a_stopped_run_is_listed_as_unfinished_not_counted(smoke, tmp_path):
+    """A run stopped with a resumable state (what SIGTERM or --stop-after leave) is reported
+    with how far it got and how to resume it; its numbers stay out of Table 1. A failed run
+    is not listed."""
+    uri = copy_store(smoke, tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    vae, iwae = smoke["runs"]["vae"].info.run_id, smoke["runs"]["iwae_k50"].info.run_id
+    client.set_tag(vae, "stop_reason", "stopped at the end of epoch 1 of 1 (SIGTERM received); "
+                                       "run the same command again to resume from there")
+    client.update_run(vae, status="KILLED")
+    store = load_runs(uri, "smoke")
+    (unfinished,) = repro.unfinished_runs(store)
+    assert (unfinished.label, unfinished.seed, unfinished.epoch) == ("VAE (k = 1)", 0, 1)
+    assert unfinished.state == "stopped at the end of epoch 1 of 1 (SIGTERM received)"
+    val = client.get_metric_history(vae, "val/nelbo")[-1].value
+    assert unfinished.val_nelbo == val
+    page = repro.build(repro.Context(store, render_md=lambda *a, **k: ""))
+    text = page.summary + " ".join(
+        getattr(b, "text", "") for s in page.sections for b in s.blocks)
+    assert "1 run not finished yet" in page.summary
+    assert (f"VAE (k = 1), seed 0: epoch 1 of 1 (1 of 8 stages), validation NELBO "
+            f"{val:.2f} nats per image") in text
+    assert '"make study STUDY=burda2016 PROFILE=smoke" again resumes' in text
+    vae_row, iwae_row = repro.rows_of(store.finished(repro.STUDY))
+    assert vae_row.n == 0 and iwae_row.n == 1  # the stopped run is not in Table 1
+
+    client.update_run(vae, status="FAILED")
+    assert repro.unfinished_runs(load_runs(uri, "smoke")) == []
+    client.update_run(iwae, status="FAILED")
+    assert repro.build(repro.Context(load_runs(uri, "smoke"), render_md=lambda *a, **k: "")) \
+        is None
 
 
 def test_no_burda2016_runs_no_page(smoke):
