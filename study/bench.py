@@ -27,6 +27,7 @@ from study.config import Config
 from study.data import Split, Splits, load_splits
 from study.evaluate import evaluate_elbo, evaluate_iwae
 from study.model import build_model
+from study.objective import elbo_terms
 from study.train import Trainer, resolve_device, train
 
 
@@ -201,7 +202,8 @@ def training_flops_per_image(trainer: Trainer) -> float:
     x = trainer.splits.train.served(0)[: trainer.config.batch_size]
     counter = FlopCounterMode(display=False)
     with counter:
-        terms = trainer.step_fn(x, 1.0, trainer.generator)
+        terms = elbo_terms(trainer.model, trainer.likelihood, x,
+                           generator=torch.Generator(device=x.device).manual_seed(0))
         terms["loss"].backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops() / x.shape[0]
