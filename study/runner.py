@@ -372,6 +372,7 @@ class Objective:
             state, slot, logged_through, before = None, None, 0, {}
         else:
             run_id, state, slot, earlier = resume
+            trial.set_user_attr("mlflow_run_id", run_id)  # claimed before it runs again
             tracker.reopen_run(run_id, run_name, {**tags, "resumed_from_trial": earlier,
                                                   "resumed_at_epoch": state["epoch"]})
             logged_through = last_logged_epoch(tracker, run_id)
@@ -559,10 +560,13 @@ def run_study_trials(job: Job, cache: SplitsCache, tracker, on_trial=None) -> No
 def close_orphan_runs(study, tracker) -> None:
     """End as FAILED the MLflow runs of trials that failed without ending them: their worker
     died and the heartbeat marked the trial FAIL (it is re-queued with the same params).
-    A run that a later trial resumed belongs to that trial and is left alone."""
+    A run that a running trial resumed belongs to it and is left alone. (A re-queued trial
+    inherits the dead one's user attrs, mlflow_run_id and worker_process included: only a
+    trial whose worker_process record is its own has claimed the run it names.)"""
     trials = study.get_trials(deepcopy=False)
     claimed = {t.user_attrs.get("mlflow_run_id") for t in trials
-               if t.state != optuna.trial.TrialState.FAIL}
+               if t.state == optuna.trial.TrialState.RUNNING
+               and (t.user_attrs.get("worker_process") or {}).get("trial") == t.number}
     for trial in trials:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if trial.state != optuna.trial.TrialState.FAIL or not run_id or run_id in claimed:

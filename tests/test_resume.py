@@ -204,3 +204,32 @@ def test_a_resumed_logger_skips_the_epochs_already_in_the_run(tmp_path):
         resumed.on_epoch(epoch, {"val/nelbo": 100.0 - epoch, "epoch_seconds": 0.1})
     history = tracker.client.get_metric_history(run_id, "val/nelbo")
     assert [(m.step, m.value) for m in history] == [(1, 99.0), (2, 98.0), (3, 97.0), (4, 96.0)]
+
+
+def test_a_resumed_run_is_not_closed_as_an_orphan(tmp_path):
+    """close_orphan_runs ends the RUNNING run of a failed trial, unless a running trial of its
+    own worker resumed that run; a re-queued copy that only inherited the attrs claims none."""
+    from study import runner
+    from study.tracking import Tracker
+
+    storage = runner.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(study_name="orphans", storage=storage)
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = tracker.experiment_id("orphans")
+    resumed, orphan = (tracker.start_run(experiment, name, {}) for name in ("resumed", "orphan"))
+
+    def trial(run_id, state, own_worker):
+        t = study.ask()
+        t.set_user_attr("mlflow_run_id", run_id)
+        owner = runner.worker_process(t.number if own_worker else t.number - 1)
+        t.set_user_attr("worker_process", owner)
+        if state == "FAIL":
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+
+    trial(resumed, "FAIL", own_worker=True)  # stopped; a later trial resumed its run:
+    trial(resumed, "RUNNING", own_worker=True)
+    trial(orphan, "FAIL", own_worker=True)  # died; its copy only inherited the attrs:
+    trial(orphan, "RUNNING", own_worker=False)
+    runner.close_orphan_runs(study, tracker)
+    assert tracker.client.get_run(resumed).info.status == "RUNNING"
+    assert tracker.client.get_run(orphan).info.status == "FAILED"
