@@ -11,6 +11,7 @@ TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 HOST         ?= 127.0.0.1
 PORT         ?=
 STOP_AFTER   ?=
+ONLY         ?=
 PYTHON       ?= python3
 
 VENV   := .venv
@@ -18,13 +19,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA_STAMP := data/.verified
 STORES := --storage '$(STORAGE)' --tracking-uri '$(TRACKING_URI)'
-RUN_OPTS = --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
+RUN_OPTS = --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER)) $(foreach o,$(ONLY),--only $(o))
 
 help: ## list targets and variables
 	@echo "vae-study targets:"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "variables: PROFILE=$(PROFILE) STUDY=$(STUDY) DEVICE=$(DEVICE) JOBS=$(JOBS) HOST=$(HOST) PORT=$(PORT)"
 	@echo "           STOP_AFTER=$(STOP_AFTER) (minutes; trials then stop at an epoch end, resumable)"
+	@echo "           ONLY=$(ONLY) (NAME=VALUE ...: only the grid points that match, e.g. ONLY=variant=vae)"
 	@echo "           STORAGE=$(STORAGE)"
 	@echo "           TRACKING_URI=$(TRACKING_URI)"
 

@@ -194,6 +194,35 @@ def pending_points(spec: Spec, trials, invocation: str) -> list[dict]:
     return [p for p in spec.grid() if point_key(spec, p) not in taken]
 
 
+def parse_only(items: list[str] | None, specs: list[Spec]) -> tuple[tuple[str, str], ...]:
+    """`--only NAME=VALUE` pairs, checked against every spec: each must be a grid study with
+    a dimension NAME that has VALUE among its choices. Several pairs must all hold."""
+    pairs = []
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--only takes NAME=VALUE (e.g. variant=vae), got {item!r}")
+        pairs.append((name.strip(), value.strip()))
+    for spec in specs if pairs else []:
+        if spec.sampler != "grid":
+            raise UsageError(f"--only selects grid points, but {spec.name} is a "
+                             f"{spec.sampler} search; drop --only or pick a grid study")
+        dims = {d.name: d for d in spec.dimensions if d.is_grid}
+        for name, value in pairs:
+            if name not in dims:
+                raise UsageError(f"--only {name}=...: {spec.name} has no grid dimension "
+                                 f"{name!r}; its dimensions are {', '.join(dims) or 'none'}")
+            choices = [str(c) for c in dims[name].optuna_choices()]
+            if value not in choices:
+                raise UsageError(f"--only {name}={value}: not one of {name}'s values in "
+                                 f"{spec.name} ({', '.join(choices)})")
+    return tuple(pairs)
+
+
+def matches(params: dict, only: tuple[tuple[str, str], ...]) -> bool:
+    return all(str(params.get(name)) == value for name, value in only)
+
+
 def count_states(trials, invocation: str | None = None) -> dict[str, int]:
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
     for t in trials:
@@ -235,6 +264,8 @@ class Job:
     progress: bool = True
     stop_at: float | None = None
     """time.time() after which running trials stop at an epoch end, resumable (--stop-after)."""
+    only: tuple[tuple[str, str], ...] = ()
+    """(dimension, value) pairs from --only: run only the grid points that match them all."""
 
 
 class StopRequest:
@@ -540,8 +571,11 @@ def run_study_trials(job: Job, cache: SplitsCache, tracker, on_trial=None) -> No
         trials = study.get_trials(deepcopy=False)
         counts = count_states(trials)
         if spec.sampler == "grid":
-            pending = pending_points(spec, trials, job.invocation)
-            if not pending and not counts["WAITING"]:
+            pending = [p for p in pending_points(spec, trials, job.invocation)
+                       if matches(p, job.only)]
+            waiting = [t for t in trials if t.state.name == "WAITING"
+                       and matches(t.params, job.only)]
+            if not pending and not waiting:
                 break
             study.sampler.point = pending[job.worker % len(pending)] if pending else None
         else:
@@ -859,6 +893,7 @@ def cmd_run(args) -> int:
             problems.append(str(exc))
     if problems:
         raise UsageError(" | ".join(problems))
+    only = parse_only(args.only, specs)
     resolve_device(args.device)
     args.storage = args.storage or default_storage()
     args.tracking_uri = args.tracking_uri or os.environ.get("VAE_TRACKING_URI") \
@@ -881,7 +916,7 @@ def cmd_run(args) -> int:
         raise
     threads = max(1, available_cores() // args.jobs)
     stop_at = time.time() + 60 * args.stop_after if args.stop_after else None
-    jobs = [replace(p.job, threads=threads, stop_at=stop_at) for p in preps]
+    jobs = [replace(p.job, threads=threads, stop_at=stop_at, only=only) for p in preps]
     total = sum(p.spec.size() for p in preps)
     print(f"running {len(preps)} stud{'y' if len(preps) == 1 else 'ies'} "
           f"({', '.join(p.spec.study_name for p in preps)}), profile {args.profile}, "
@@ -1065,6 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "sqlite:///<repo>/mlruns/mlflow.db, artifacts beside it; or http://host:port)")
     run.add_argument("--worker", action="store_true",
                      help="join an existing study on a shared storage; create nothing else")
+    run.add_argument("--only", action="append", metavar="NAME=VALUE",
+                     help="run only the grid points whose dimension NAME has VALUE (e.g. "
+                          "variant=vae); repeatable, all must hold")
     run.add_argument("--stop-after", type=float, metavar="MINUTES",
                      help="after this many minutes, stop running trials at their next epoch "
                           "end with a resumable state (so does SIGTERM); the same command "

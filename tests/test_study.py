@@ -502,3 +502,39 @@ def test_a_trial_whose_worker_died_is_failed_and_run_again(tmp_path, data_env, m
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
     assert retried[0].params == {"beta": 0.5}
     assert sorted(t.params["beta"] for t in trials if t.state.name == "COMPLETE") == [0.5, 1.0]
+
+
+def test_only_runs_the_matching_grid_points(tmp_path, data_env, capsys):
+    """--only NAME=VALUE (ONLY= in make) runs part of a grid; a later run without it does the
+    rest. A malformed pair, an unknown dimension or value, or a search get one line, exit 2,
+    and create nothing."""
+    spec = tmp_path / "only.toml"
+    spec.write_text(textwrap.dedent('sampler = "grid"\nseeds = [0, 1]\n[space]\n'
+                                    'beta = [0.5, 2.0]\n' + TINY + "epochs = 1\n"))
+    folder = tmp_path / "stores"
+    assert run_study(spec, folder, "--only", "beta=2.0") == 0
+    study, _, _, _, children = load(folder, "only")
+    done = sorted((t.params["seed"], t.params["beta"]) for t in study.trials
+                  if t.state.name == "COMPLETE")
+    assert done == [(0, 2.0), (1, 2.0)] and len(children) == 2
+    assert run_study(spec, folder, "--only", "beta=2.0", "--only", "seed=1") == 0
+    assert len(load(folder, "only")[0].trials) == 2  # nothing left that matches
+    assert run_study(spec, folder) == 0
+    study = load(folder, "only")[0]
+    assert sorted((t.params["seed"], t.params["beta"]) for t in study.trials) == \
+        [(0, 0.5), (0, 2.0), (1, 0.5), (1, 2.0)]
+
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    for only, message in [("beta", "--only takes NAME=VALUE"),
+                          ("lr=0.1", "has no grid dimension 'lr'; its dimensions are seed, beta"),
+                          ("beta=3.0", "not one of beta's values in only (0.5, 2.0)")]:
+        assert run_study(spec, empty, "--only", only) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    search = tmp_path / "search.toml"
+    search.write_text(textwrap.dedent('sampler = "tpe"\ntrials = 2\n[space]\n'
+                                      'beta = { low = 0.5, high = 2.0 }\n' + TINY))
+    assert run_study(search, empty, "--only", "beta=1.0") == 2
+    assert "--only selects grid points, but search is a tpe search" in capsys.readouterr().err
+    assert not empty.exists()
