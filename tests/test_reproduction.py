@@ -79,7 +79,7 @@ def test_reproduction_page_from_the_smoke_runs(smoke, built):
     assert html_page.is_file() and md_page.is_file()
     assert 'href="reproduction.html"' in (built / "index.html").read_text()
     html, md = html_page.read_text(), md_page.read_text()
-    table = _rows(parsed(html_page).cells, 6)  # the Table 1 table comes first
+    table = _rows(parsed(html_page).cells, 7)  # the Table 1 table comes first
     for variant, (label, paper) in PAPER.items():
         ours = smoke["runs"][variant].data.metrics["test/iwae_nll"]  # read back from MLflow
         row = table[label]
@@ -90,6 +90,8 @@ def test_reproduction_page_from_the_smoke_runs(smoke, built):
         assert row[5].startswith("not a reproduction yet: shortened schedule: 1 of 3,280 epochs")
         assert row[5].endswith("the gap is not comparable")
         assert "k = 5, not 5,000" in row[5] and "200 of 10,000 test images" in row[5]
+        active = smoke["runs"][variant].data.metrics["test/active_units"]
+        assert row[6] == f"{active:.0f} of 50"
         md_row = (f"| {label} | {paper:.2f} | {ours:.2f} (1 seed) | {ours - paper:+.2f} | 1 | "
                   f"not a reproduction yet: shortened schedule: 1 of 3,280 epochs")
         assert md_row in md, md_row
