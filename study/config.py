@@ -13,6 +13,8 @@ ACTIVATIONS = ("relu", "tanh", "elu", "leaky_relu", "softplus")
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 SCHEDULE_UNITS = ("step", "epoch")
 LR_SCHEDULES = ("constant", "burda")
+INITS = ("torch", "glorot")
+OPTIMIZERS = ("adam", "adam_burda")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -41,6 +43,8 @@ class Config:
     """Hidden activation; Burda et al. 2016 use tanh."""
     latent_dim: int = 20
     """Dimension of z; the prior is N(0, I) over it."""
+    init: str = "torch"
+    """`torch` (nn.Linear's default) or `glorot`, yburda/iwae's (mlp only: see glorot_init)."""
 
     # --- likelihood p(x|z)
     likelihood: str = "bernoulli"
@@ -83,6 +87,8 @@ class Config:
     """Adam's (beta1, beta2)."""
     adam_eps: float = 1e-8
     """Adam's epsilon; Burda et al. 2016 use 1e-4."""
+    optimizer: str = "adam"
+    """`adam` (torch's) or `adam_burda`, yburda/iwae's Adam (see study.train.BurdaAdam)."""
 
     # --- evaluation
     eval_batch_size: int = 1000
@@ -124,6 +130,10 @@ class Config:
         choice("beta_schedule", BETA_SCHEDULES)
         choice("schedule_unit", SCHEDULE_UNITS)
         choice("lr_schedule", LR_SCHEDULES)
+        choice("init", INITS)
+        choice("optimizer", OPTIMIZERS)
+        if self.init == "glorot" and self.architecture != "mlp":
+            problems.append("init = 'glorot' needs architecture = 'mlp'")
         choice("device", DEVICES)
         choice("binarize", ("none", "static", "dynamic"))
         choice("dataset", ("mnist", "fashion"))

@@ -3,6 +3,8 @@ head, a decoder that returns distribution parameters (logits or means), never sq
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,6 +59,36 @@ class VAE(nn.Module):
             shape = mu.shape if k is None else (k, *mu.shape)
             eps = torch.randn(shape, device=mu.device, dtype=mu.dtype, generator=generator)
         return mu + (0.5 * logvar).exp() * eps
+
+
+def glorot_init(model: VAE, mean_image: torch.Tensor) -> None:
+    """The initialization of Burda et al.'s code (yburda/iwae, `nnet.py`, `iwae.py`) for an
+    mlp VAE: every weight uniform on +-sqrt(6 / (n_in + n_out)) (Glorot & Bengio 2010), every
+    bias 0, and the decoder's output bias at the logit of `mean_image` (the mean training
+    image, clipped to [0.001, 0.999]), so the untrained decoder already draws the mean image.
+
+    Their encoder has separate mean and sigma = exp(linear) heads of width latent_dim; our
+    fused head's two halves are drawn as two such layers, the log-variance half at twice the
+    scale, because log sigma^2 = 2 log sigma.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules()):
+        raise ValueError("glorot init needs an mlp VAE")
+    head = model.encoder[-1][-1]
+    out = model.decoder[-1]
+    with torch.no_grad():
+        for layer in linears:
+            n_out, n_in = layer.weight.shape
+            if layer is head:
+                z = n_out // 2
+                bound = math.sqrt(6.0 / (n_in + z))
+                layer.weight[:z].uniform_(-bound, bound)
+                layer.weight[z:].uniform_(-2 * bound, 2 * bound)
+            else:
+                bound = math.sqrt(6.0 / (n_in + n_out))
+                layer.weight.uniform_(-bound, bound)
+            layer.bias.zero_()
+        out.bias.copy_(torch.logit(mean_image.reshape(-1).clamp(0.001, 0.999)))
 
 
 def build_model(config: Config, image_shape) -> VAE:

@@ -782,6 +782,38 @@ class Prepared:
     created_parent: bool
 
 
+def spec_settings(spec: Spec) -> dict:
+    """What a study's trials compute, as plain JSON: the fixed config (less the fields that
+    only say where and how fast it runs) and the variants' bundles."""
+    import dataclasses
+
+    from study.train import RUN_ONLY_FIELDS
+
+    fixed = {k: v for k, v in dataclasses.asdict(spec.base).items()
+             if k not in RUN_ONLY_FIELDS and k != "extra"}
+    return json.loads(json.dumps({"fixed": fixed, "variants": spec.variants}, default=str))
+
+
+def check_settings(study, spec: Spec, storage_label: str) -> None:
+    """A study keeps the settings of its first invocation: a spec edited since would mix two
+    settings under one study, its finished grid points counting for the new setting. Refuse
+    that, naming what changed; record the settings of a study that has none yet."""
+    ours, theirs = spec_settings(spec), study.user_attrs.get("settings")
+    if theirs is None:
+        study.set_user_attr("settings", ours)
+        return
+    if theirs == ours:
+        return
+    changed = [k for k in sorted({*ours["fixed"], *theirs["fixed"]})
+               if ours["fixed"].get(k) != theirs["fixed"].get(k)]
+    if ours["variants"] != theirs["variants"]:
+        changed.append("variants")
+    raise UsageError(
+        f"study {study.study_name!r} was run with other settings than spec {spec.name!r} has "
+        f"now (changed: {', '.join(changed)}); delete it (`.venv/bin/optuna delete-study "
+        f"--study-name {study.study_name} --storage {storage_label}`) or give the spec a new name")
+
+
 def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prepared:
     """Create (or, as a --worker, find) the study, its experiment and this invocation's parent
     run. Nothing here trains."""
@@ -795,6 +827,7 @@ def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prep
         except KeyError:
             raise UsageError(f"no study {name!r} in {redact(args.storage)}; start it first with "
                              f"`make study STUDY={spec.name} PROFILE={spec.profile}`") from None
+        check_settings(study, spec, redact(args.storage))
         experiment_id = tracker.experiment_id(spec.name, create=False)
         parent = study.user_attrs.get("mlflow_parent_run_id")
         if not parent:
@@ -808,6 +841,7 @@ def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prep
         if found != spec.directions:
             raise UsageError(f"study {name!r} exists with directions {found}, but the spec asks "
                              f"for {spec.directions}; rename the spec or delete the study")
+        check_settings(study, spec, redact(args.storage))
         experiment_id = tracker.experiment_id(spec.name)
         close_dead_parent_runs(tracker, experiment_id)
         tags = {"study": spec.name, "profile": spec.profile, "run_kind": "study",

@@ -20,7 +20,7 @@ from study.data import Splits, load_splits
 from study.errors import UsageError
 from study.evaluate import evaluate_elbo, evaluate_test
 from study.likelihoods import Likelihood, make_likelihood
-from study.model import VAE, build_model
+from study.model import VAE, build_model, glorot_init
 from study.objective import beta_at, elbo_terms
 
 
@@ -60,10 +60,11 @@ def resume_problem(config: Config, state: dict) -> str | None:
     config that differs in a field that changes the result."""
     if state.get("format") != RESUME_FORMAT:
         return f"resume format {state.get('format')!r}, expected {RESUME_FORMAT}"
-    saved = state.get("config", {})
+    # A field added after the state was saved had its default then.
+    saved = {**dataclasses.asdict(Config()), **state.get("config", {})}
     ours = dataclasses.asdict(config)
     differ = [name for name in Config.field_names()
-              if name not in RUN_ONLY_FIELDS and _plain(saved.get(name)) != _plain(ours[name])]
+              if name not in RUN_ONLY_FIELDS and _plain(saved[name]) != _plain(ours[name])]
     if differ:
         return "the config changed since the state was saved: " + ", ".join(
             f"{name} {saved.get(name)!r} -> {ours[name]!r}" for name in differ)
@@ -135,10 +136,58 @@ def lr_at(config: Config, epoch: int) -> float:
     return config.lr / 10 * round(10 ** (1 - stage / 7), 1)
 
 
-def make_adam(params, config: Config) -> torch.optim.Adam:
-    """Adam with the fused kernel (one pass over all parameters; ~6x faster steps on this
-    CPU than the per-tensor loop, measured), falling back to the default where unsupported."""
+class BurdaAdam(torch.optim.Optimizer):
+    """Adam as yburda/iwae's `optimizers.py` writes it, for reproducing Burda et al. 2016.
+
+    Against torch's Adam: the second moments start at 1, not 0 (with the gradients' scale
+    there, the first epoch's steps are far smaller: a warm-up); the bias correction is folded
+    into the step size, lr * sqrt(1 - beta2^t) / (1 - beta1^t), and eps is added to the
+    uncorrected sqrt(v); each step moves the parameters by the moments from before it (Theano
+    evaluates all updates of a step from the old values, so the first step moves nothing);
+    and the moments see `grad_scale` times our gradient, because the authors differentiate the
+    bound summed over the minibatch where we take the mean per image. State keys are torch's
+    (`step`, `exp_avg`, `exp_avg_sq`), so checkpoints and the compiled step treat it alike.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.99, 0.999), eps=1e-4, grad_scale=1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, grad_scale=grad_scale))
+
+    def init_state(self, param) -> dict:
+        """The state of a parameter before its first step (also used by the compiled step)."""
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.ones_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("BurdaAdam takes no closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.init_state(param)
+                t = float(state["step"]) + 1
+                alpha = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                param.sub_(alpha * m / (v.sqrt() + group["eps"]))  # the old moments
+                g = param.grad * group["grad_scale"]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["step"] += 1
+
+
+def make_adam(params, config: Config) -> torch.optim.Optimizer:
+    """`config.optimizer`'s Adam. torch's with the fused kernel (one pass over all parameters;
+    ~6x faster steps on this CPU than the per-tensor loop, measured), falling back to the
+    default where unsupported; or the authors' (`BurdaAdam`, gradient scale = batch size)."""
     kwargs = dict(lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+    if config.optimizer == "adam_burda":
+        return BurdaAdam(params, grad_scale=float(config.batch_size), **kwargs)
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, ValueError):
@@ -176,6 +225,8 @@ class Trainer:
         self.splits = splits if splits is not None else _splits_for(config, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.splits.image_shape).to(self.device)
+        if config.init == "glorot":
+            glorot_init(self.model, self.splits.train.grey().mean(0))
         self.likelihood = make_likelihood(config).to(self.device)
         params = list(self.model.parameters()) + list(self.likelihood.parameters())
         self.optimizer = make_adam(params, config)
@@ -355,7 +406,7 @@ class _Step:
     run goes on eagerly with the same noise and state: slower, never different.
     """
 
-    def __init__(self, model: VAE, likelihood: Likelihood, optimizer: torch.optim.Adam,
+    def __init__(self, model: VAE, likelihood: Likelihood, optimizer: torch.optim.Optimizer,
                  config: Config):
         self.model, self.likelihood, self.optimizer = model, likelihood, optimizer
         self.config = config
@@ -375,7 +426,10 @@ class _Step:
         for name, param in self.objective.named_parameters():
             if id(param) not in by_id:
                 continue
-            state = self.optimizer.state[param]
+            if isinstance(self.optimizer, BurdaAdam):
+                state = self.optimizer.init_state(param)
+            else:
+                state = self.optimizer.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -394,6 +448,14 @@ class _Step:
         grads, stats = grad(loss, has_aux=True)(params)
         (beta1, beta2), adam_eps = self.config.adam_betas, self.config.adam_eps
         step_size, bias2_sqrt = scalars[0], scalars[1]
+        if self.config.optimizer == "adam_burda":  # BurdaAdam.step's arithmetic
+            scale = float(self.config.batch_size)
+            for name, param in params.items():
+                param.sub_(step_size * m[name] / (v[name].sqrt() + adam_eps))
+                g = grads[name] * scale
+                m[name].lerp_(g, 1 - beta1)
+                v[name].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            return stats
         for name, param in params.items():
             g = grads[name]
             m[name].lerp_(g, 1 - beta1)
@@ -403,12 +465,17 @@ class _Step:
 
     def begin_epoch(self, lr: float, first_step: int, steps: int) -> None:
         """Adam's per-step scalars lr / (1 - beta1^t) and sqrt(1 - beta2^t) of the epoch's
-        steps t = first_step + 1, ... (float64, then float32), for the compiled path."""
+        steps t = first_step + 1, ... (float64, then float32), for the compiled path;
+        BurdaAdam's step size lr sqrt(1 - beta2^t) / (1 - beta1^t) in the first column."""
         if self.compiled is None:
             return
         beta1, beta2 = self.config.adam_betas
         t = torch.arange(first_step + 1, first_step + steps + 1, dtype=torch.float64)
-        self.scalars = torch.stack([lr / (1 - beta1**t), (1 - beta2**t).sqrt()], 1).to(
+        if self.config.optimizer == "adam_burda":  # step size folds in both corrections
+            scalars = [lr * (1 - beta2**t).sqrt() / (1 - beta1**t), torch.ones_like(t)]
+        else:
+            scalars = [lr / (1 - beta1**t), (1 - beta2**t).sqrt()]
+        self.scalars = torch.stack(scalars, 1).to(
             self.dtype).to(next(self.model.parameters()).device)
         self._state = self._adam_state()
 

@@ -430,3 +430,105 @@ def test_checkpoints_follow_the_cadence(tiny_config):
     assert [len(s["history"]) for s in saved] == [1, 2]
     assert "checkpoint_minutes must be >= 0" in " ".join(
         config.replace(checkpoint_minutes=-1).validate())
+
+
+def test_burda_adam_is_the_authors_update():
+    """BurdaAdam against yburda/iwae's `optimizers.py`, written out here step by step: second
+    moments start at 1, step t moves by the moments before it with lr sqrt(1 - b2^t) /
+    (1 - b1^t) and eps outside the root, and the moments see the gradient times grad_scale."""
+    from study.train import BurdaAdam
+
+    lr, (b1, b2), eps, scale = 1e-2, (0.99, 0.999), 1e-4, 20.0
+    grads = [torch.tensor([0.5, -2.0, 0.0]), torch.tensor([0.1, 1.0, -3.0]),
+             torch.tensor([-0.4, 0.2, 0.7])]
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5]))
+    opt = BurdaAdam([p], lr=lr, betas=(b1, b2), eps=eps, grad_scale=scale)
+    theta, m, v = [1.0, -1.0, 0.5], [0.0] * 3, [1.0] * 3
+    for t, g in enumerate(grads, start=1):
+        alpha = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        theta = [th - alpha * mi / (math.sqrt(vi) + eps) for th, mi, vi in zip(theta, m, v, strict=True)]
+        m = [b1 * mi + (1 - b1) * scale * gi for mi, gi in zip(m, g.tolist(), strict=True)]
+        v = [b2 * vi + (1 - b2) * (scale * gi) ** 2 for vi, gi in zip(v, g.tolist(), strict=True)]
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        if t == 1:
+            assert torch.equal(p.detach(), before)  # the first step moves nothing
+        torch.testing.assert_close(p.detach(), torch.tensor(theta), rtol=1e-6, atol=1e-7)
+    state = opt.state[p]
+    torch.testing.assert_close(state["exp_avg"], torch.tensor(m))
+    torch.testing.assert_close(state["exp_avg_sq"], torch.tensor(v))
+    assert float(state["step"]) == 3
+
+
+def test_the_compiled_whole_step_is_burda_adam(tiny_config):
+    """With optimizer = adam_burda the compiled step applies BurdaAdam's update, in place on
+    its state: weights and moments as the eager optimizer leaves them."""
+    from study.train import BurdaAdam, Trainer
+
+    config = tiny_config.replace(epochs=2, train_subset=400, batch_size=20, iw_samples=2,
+                                 adam_betas=(0.99, 0.999), adam_eps=1e-4, lr_schedule="burda",
+                                 optimizer="adam_burda", init="glorot")
+    eager, compiled = Trainer(config), Trainer(config.replace(compile=True))
+    assert isinstance(eager.optimizer, BurdaAdam)
+    for _ in range(2):
+        eager.run_epoch()
+        compiled.run_epoch()
+    assert compiled.step_fn.compiled is not None
+    a, b = eager.state_dict(), compiled.state_dict()
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)
+    for state_a, state_b in zip(a["optimizer"]["state"].values(),
+                                b["optimizer"]["state"].values(), strict=True):
+        assert float(state_b["step"]) == float(state_a["step"]) == 2 * eager.steps_per_epoch
+        torch.testing.assert_close(state_b["exp_avg"], state_a["exp_avg"], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(state_b["exp_avg_sq"], state_a["exp_avg_sq"], rtol=1e-2,
+                                   atol=1e-6)
+
+
+def test_glorot_init_is_the_authors(tiny_config):
+    """init = glorot: Glorot-uniform weights (the log-variance half of the head at twice the
+    bound), zero biases, and the decoder's output bias at the logit of the mean training
+    image, so the untrained decoder's mean image is the data's (clipped to [0.001, 0.999])."""
+    from study.train import Trainer
+
+    config = tiny_config.replace(hidden=(200, 200), latent_dim=50, activation="tanh",
+                                 init="glorot")
+    trainer = Trainer(config)
+    model, z = trainer.model, 50
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6
+    head, out = model.encoder[-1][-1], model.decoder[-1]
+    for layer in linears:
+        n_out, n_in = layer.weight.shape
+        if layer is head:
+            bound = math.sqrt(6 / (n_in + z))
+            halves = [(layer.weight[:z], bound), (layer.weight[z:], 2 * bound)]
+        else:
+            halves = [(layer.weight, math.sqrt(6 / (n_in + n_out)))]
+        for w, b in halves:
+            assert w.abs().max() <= b and w.abs().max() > 0.9 * b  # fills +-b, no wider
+            assert w.std().item() == pytest.approx(b / math.sqrt(3), rel=0.05)  # uniform
+        if layer is not out:
+            assert not layer.bias.any()
+    mean = trainer.splits.train.grey().mean(0).reshape(-1).clamp(0.001, 0.999)
+    torch.testing.assert_close(torch.sigmoid(out.bias.detach()), mean, rtol=1e-4, atol=1e-6)
+    assert Trainer(tiny_config).model.decoder[-1].bias.abs().max() < 0.1  # torch's default
+    assert "init = 'glorot' needs architecture = 'mlp'" in \
+        config.replace(architecture="conv").validate()
+
+
+def test_a_state_saved_before_a_field_existed_resumes_with_its_default(tiny_config):
+    """A resumable state whose config predates `optimizer` and `init` was made with their
+    defaults: it resumes a run with the defaults and is refused by one with other values."""
+    import dataclasses
+
+    from study.train import resume_problem
+
+    config = tiny_config.replace(epochs=3)
+    old = dataclasses.asdict(config)
+    del old["optimizer"], old["init"]
+    state = {"format": 1, "config": old, "epoch": 1}
+    assert resume_problem(config, state) is None
+    problem = resume_problem(config.replace(optimizer="adam_burda"), state)
+    assert problem and "optimizer 'adam' -> 'adam_burda'" in problem

@@ -18,7 +18,8 @@ from analysis import reproduction as repro
 from analysis.runs import load_runs
 from study import runner
 
-PAPER = {"vae": ("VAE (k = 1)", 86.76), "iwae_k50": ("IWAE (k = 50)", 84.78)}
+PAPER = {"vae": ("VAE (k = 1)", 86.76), "iwae_k50": ("IWAE (k = 50)", 84.78),
+         "vae_torch": ("VAE (k = 1), torch.optim.Adam, nn.Linear init", 86.76)}
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,15 @@ def built(smoke, data_root, tmp_path_factory):
 
 
 def test_burda2016_smoke_end_to_end(smoke):
-    assert len(smoke["trials"]) == 2
+    assert len(smoke["trials"]) == 3
     runs = smoke["runs"]
-    assert set(runs) == {"vae", "iwae_k50"}
+    assert set(runs) == {"vae", "iwae_k50", "vae_torch"}
     for variant, run in runs.items():
         params = run.data.params
+        # the authors' Adam and initialization, except in the row that measures torch's
+        torch_row = variant == "vae_torch"
+        assert params["optimizer"] == ("adam" if torch_row else "adam_burda")
+        assert params["init"] == ("torch" if torch_row else "glorot")
         assert params["binarize"] == "dynamic" and params["hidden"] == "(200, 200)"
         assert params["activation"] == "tanh" and params["latent_dim"] == "50"
         assert params["batch_size"] == "20" and params["adam_eps"] == "0.0001"
@@ -161,12 +166,13 @@ def test_a_stopped_run_is_listed_as_unfinished_not_counted(smoke, tmp_path):
     assert (f"VAE (k = 1), seed 0: epoch 1 of 1 (1 of 8 stages), validation NELBO "
             f"{val:.2f} nats per image") in text
     assert '"make study STUDY=burda2016 PROFILE=smoke" again resumes' in text
-    vae_row, iwae_row = repro.rows_of(store.finished(repro.STUDY))
-    assert vae_row.n == 0 and iwae_row.n == 1  # the stopped run is not in Table 1
+    vae_row, iwae_row, torch_row = repro.rows_of(store.finished(repro.STUDY))
+    assert vae_row.n == 0 and iwae_row.n == 1 and torch_row.n == 1  # the stopped run is not
 
     client.update_run(vae, status="FAILED")
     assert repro.unfinished_runs(load_runs(uri, "smoke")) == []
     client.update_run(iwae, status="FAILED")
+    client.update_run(smoke["runs"]["vae_torch"].info.run_id, status="FAILED")
     assert repro.build(repro.Context(load_runs(uri, "smoke"), render_md=lambda *a, **k: "")) \
         is None
 
@@ -225,8 +231,29 @@ def test_several_seeds_give_a_t_interval():
         "val_size": 400, "train_subset": "None", "test_subset": "None", "test_iw_k": 5000,
         "test_iw_images": "None",
     })
-    vae, iwae = repro.rows_of(runs)
+    vae, iwae, torch_row = repro.rows_of(runs.assign(optimizer="adam_burda", init="glorot"))
     lo, hi = stats.t.interval(0.95, 2, loc=sum(values) / 3, scale=stats.sem(values))
     assert repro.ours_text(vae) == f"{sum(values) / 3:.2f} [{lo:.2f}, {hi:.2f}]"
     assert vae.n == 3 and vae.budget == FULL and repro.verdict(vae) == repro.REPRODUCED
     assert iwae.n == 0 and repro.verdict(iwae) == "no finished runs"
+    assert torch_row.n == 0
+
+
+def test_runs_join_rows_by_what_they_computed():
+    """A run's row follows its settings, not the variant's name: VAE runs made before the spec
+    had `optimizer` and `init` (no such params: torch's Adam and init) land in the torch row."""
+    import pandas as pd
+
+    runs = pd.DataFrame({
+        "variant": ["vae", "vae", "vae_torch", "iwae_k50"],
+        "optimizer": [None, "adam_burda", "adam", "adam_burda"],
+        "init": [None, "glorot", "torch", "glorot"],
+        "iw_samples": ["1", "1", "1", "50"],
+        "test/iwae_nll": [88.0, 86.5, 89.0, 84.9], "seed": [0, 0, 1, 0], "epochs": 3280,
+        "val_size": 400, "train_subset": "None", "test_subset": "None", "test_iw_k": 5000,
+        "test_iw_images": "None",
+    })
+    vae, iwae, torch_row = repro.rows_of(runs)
+    assert (vae.n, vae.mean) == (1, 86.5) and (iwae.n, iwae.mean) == (1, 84.9)
+    assert torch_row.n == 2 and torch_row.mean == pytest.approx(88.5)
+    assert repro.verdict(vae) == repro.REPRODUCED and "not reproduced" in repro.verdict(torch_row)

@@ -110,11 +110,17 @@ def test_burda2016_follows_the_paper():
     assert c.epochs == burda_epochs(8) == 3280 and c.test_iw_k == 5000
     assert default.base.epochs == burda_epochs(3) == 13
     assert smoke.base.epochs == 1
-    # the two one-stochastic-layer rows of Table 1 (VAE k = 1, IWAE k = 50), Adam's betas of
-    # the authors' code
+    # the two one-stochastic-layer rows of Table 1 (VAE k = 1, IWAE k = 50) with the Adam
+    # (betas included) and initialization of the authors' code, and the VAE with torch's
     assert not full.suite and [d.name for d in full.dimensions] == ["seed", "variant"]
     assert c.adam_betas == (0.99, 0.999)
-    assert full.size() == 6  # 3 seeds x 2 rows
+    assert (c.optimizer, c.init) == ("adam_burda", "glorot")
+    assert full.size() == 9  # 3 seeds x 3 rows
+    rows = {v: full.config_for({"seed": 0, "variant": v}) for v in ("vae", "iwae_k50",
+                                                                     "vae_torch")}
+    assert [rows[v].iw_samples for v in rows] == [1, 50, 1]
+    assert (rows["vae_torch"].optimizer, rows["vae_torch"].init) == ("adam", "torch")
+    assert rows["vae_torch"].replace(optimizer="adam_burda", init="glorot") == rows["vae"]
 
 
 def test_smoke_profile_is_tiny():

@@ -429,6 +429,29 @@ def test_running_again_resumes_without_duplicates(tmp_path, data_env, capsys):
     assert code == 2 and "no study 'resume-default'" in capsys.readouterr().err
 
 
+def test_a_spec_changed_under_its_study_is_refused(tmp_path, data_env, capsys):
+    """A study keeps the settings it was started with: after an edit that changes what its
+    trials compute, running (or joining) it again gets one line naming the changed fields and
+    the fix, exit 2, and adds no trial and no run; the original spec still runs."""
+    spec = tmp_path / "changed.toml"
+    original = textwrap.dedent('sampler = "grid"\n' + TINY + "epochs = 1\n")
+    spec.write_text(original)
+    folder = tmp_path / "stores"
+    assert run_study(spec, folder) == 0
+    spec.write_text(original + 'init = "glorot"\noptimizer = "adam_burda"\n')
+    capsys.readouterr()
+    for extra in ((), ("--worker",)):
+        assert run_study(spec, folder, *extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert "study 'changed-smoke' was run with other settings" in err
+        assert "(changed: init, optimizer)" in err and "optuna delete-study" in err
+    study, _, _, parents, children = load(folder, "changed")
+    assert len(study.trials) == 1 and len(parents) == 1 and len(children) == 1
+    spec.write_text(original)
+    assert run_study(spec, folder) == 0
+
+
 def test_jobs_run_worker_processes_on_one_storage(tmp_path, data_env):
     spec = tmp_path / "jobs.toml"
     spec.write_text(textwrap.dedent("""
