@@ -784,14 +784,15 @@ class Prepared:
 
 def spec_settings(spec: Spec) -> dict:
     """What a study's trials compute, as plain JSON: the fixed config (less the fields that
-    only say where and how fast it runs) and the variants' bundles."""
+    only say where and how fast it runs), the variants' bundles and the search space."""
     import dataclasses
 
     from study.train import RUN_ONLY_FIELDS
 
     fixed = {k: v for k, v in dataclasses.asdict(spec.base).items()
              if k not in RUN_ONLY_FIELDS and k != "extra"}
-    return json.loads(json.dumps({"fixed": fixed, "variants": spec.variants}, default=str))
+    return json.loads(json.dumps({"fixed": fixed, "variants": spec.variants,
+                                  "space": [d.describe() for d in spec.dimensions]}, default=str))
 
 
 def check_settings(study, spec: Spec, storage_label: str) -> None:
@@ -806,8 +807,7 @@ def check_settings(study, spec: Spec, storage_label: str) -> None:
         return
     changed = [k for k in sorted({*ours["fixed"], *theirs["fixed"]})
                if ours["fixed"].get(k) != theirs["fixed"].get(k)]
-    if ours["variants"] != theirs["variants"]:
-        changed.append("variants")
+    changed += [k for k in ("variants", "space") if ours.get(k) != theirs.get(k)]
     raise UsageError(
         f"study {study.study_name!r} was run with other settings than spec {spec.name!r} has "
         f"now (changed: {', '.join(changed)}); delete it (`.venv/bin/optuna delete-study "

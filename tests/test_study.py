@@ -446,6 +446,11 @@ def test_a_spec_changed_under_its_study_is_refused(tmp_path, data_env, capsys):
         assert err.count("\n") == 1, err
         assert "study 'changed-smoke' was run with other settings" in err
         assert "(changed: init, optimizer)" in err and "optuna delete-study" in err
+    # a changed grid too (Optuna itself would fail mid-trial on a categorical's new values)
+    spec.write_text(textwrap.dedent('sampler = "grid"\n[space]\nbeta = [0.5, 1.0]\n' + TINY
+                                    + "epochs = 1\n"))
+    assert run_study(spec, folder) == 2
+    assert "(changed: space)" in capsys.readouterr().err
     study, _, _, parents, children = load(folder, "changed")
     assert len(study.trials) == 1 and len(parents) == 1 and len(children) == 1
     spec.write_text(original)
