@@ -44,7 +44,7 @@ class Config:
     latent_dim: int = 20
     """Dimension of z; the prior is N(0, I) over it."""
     init: str = "torch"
-    """`torch` (nn.Linear's default) or `glorot`, yburda/iwae's (mlp only: see glorot_init)."""
+    """`torch` (nn.Linear's default) or `glorot`, yburda/iwae's (mlp, bernoulli: see glorot_init)."""
 
     # --- likelihood p(x|z)
     likelihood: str = "bernoulli"
@@ -132,8 +132,9 @@ class Config:
         choice("lr_schedule", LR_SCHEDULES)
         choice("init", INITS)
         choice("optimizer", OPTIMIZERS)
-        if self.init == "glorot" and self.architecture != "mlp":
-            problems.append("init = 'glorot' needs architecture = 'mlp'")
+        if self.init == "glorot" and (self.architecture, self.likelihood) != ("mlp", "bernoulli"):
+            problems.append("init = 'glorot' needs architecture = 'mlp' and likelihood = "
+                            "'bernoulli' (its output bias is the logit of the mean image)")
         choice("device", DEVICES)
         choice("binarize", ("none", "static", "dynamic"))
         choice("dataset", ("mnist", "fashion"))

@@ -155,8 +155,8 @@ class BurdaAdam(torch.optim.Optimizer):
     def init_state(self, param) -> dict:
         """The state of a parameter before its first step (also used by the compiled step)."""
         state = self.state[param]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        if not state:  # the step count on the CPU, as torch's Adam keeps it: reading it is free
+            state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.ones_like(param, memory_format=torch.preserve_format)
         return state

@@ -514,8 +514,9 @@ def test_glorot_init_is_the_authors(tiny_config):
     mean = trainer.splits.train.grey().mean(0).reshape(-1).clamp(0.001, 0.999)
     torch.testing.assert_close(torch.sigmoid(out.bias.detach()), mean, rtol=1e-4, atol=1e-6)
     assert Trainer(tiny_config).model.decoder[-1].bias.abs().max() < 0.1  # torch's default
-    assert "init = 'glorot' needs architecture = 'mlp'" in \
-        config.replace(architecture="conv").validate()
+    for other in (dict(architecture="conv"), dict(likelihood="gaussian")):
+        assert any("init = 'glorot' needs architecture = 'mlp' and likelihood = 'bernoulli'" in p
+                   for p in config.replace(**other).validate())
 
 
 def test_a_state_saved_before_a_field_existed_resumes_with_its_default(tiny_config):
