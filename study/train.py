@@ -139,8 +139,8 @@ def lr_at(config: Config, epoch: int) -> float:
 class BurdaAdam(torch.optim.Optimizer):
     """Adam as yburda/iwae's `optimizers.py` writes it, for reproducing Burda et al. 2016.
 
-    Against torch's Adam: the second moments start at 1, not 0 (with the gradients' scale
-    there, the first epoch's steps are far smaller: a warm-up); the bias correction is folded
+    Against torch's Adam: the second moments start at 1, not 0 (until that decays, parameters
+    with gradients well below 1 take smaller steps); the bias correction is folded
     into the step size, lr * sqrt(1 - beta2^t) / (1 - beta1^t), and eps is added to the
     uncorrected sqrt(v); each step moves the parameters by the moments from before it (Theano
     evaluates all updates of a step from the old values, so the first step moves nothing);
