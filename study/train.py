@@ -17,6 +17,7 @@ import torch
 
 from study.config import Config
 from study.data import Splits, load_splits
+from study.denormals import flush_denormals
 from study.errors import UsageError
 from study.evaluate import evaluate_elbo, evaluate_test
 from study.likelihoods import Likelihood, make_likelihood
@@ -217,11 +218,12 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         if self.device == "cpu":
-            # Adam's second moments of pixels that are always 0 (MNIST's border) decay into
-            # the denormal range; the CPU then computes with them up to 100x slower. A Burda
-            # step resumed at epoch 225 ran 1.4x slower than a fresh one until these were
-            # flushed to zero (measured). Values below 1.2e-38 change nothing a loss can see.
-            torch.set_flush_denormal(True)
+            # Adam's moments of pixels that are rarely or never lit (MNIST's border) decay
+            # into the denormal range; the CPU then computes with them up to 100x slower. A
+            # Burda step resumed at epoch 225 ran 1.4x slower than a fresh one until these
+            # were flushed to zero (measured). Values below 1.2e-38 change nothing a loss can
+            # see. On every intra-op thread, not only this one: see study.denormals.
+            flush_denormals()
         self.splits = splits if splits is not None else _splits_for(config, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.splits.image_shape).to(self.device)
