@@ -133,8 +133,10 @@ def step_breakdown(trainer: Trainer, gemm_gflops: float, flops_per_image: float,
     copy.optimizer.step = lambda *args, **kwargs: None  # the ablation
     without = epoch_ms()
     generator = torch.Generator(device=device).manual_seed(0)
+    buffer = torch.empty((len(train_split), *train_split.shape), device=device)
     gather = _best_ms(lambda: train_split.served(0, torch.randperm(
-        len(train_split), device=device, generator=generator)), device, 1, repeats) / steps
+        len(train_split), device=device, generator=generator), out=buffer),
+        device, 1, repeats) / steps
     forward_backward = without - gather
     gemm = flops_per_image * copy.config.batch_size / (gemm_gflops * 1e9) * 1e3
     return {"step_ms": step, "loop_ms": step - gather, "gemm_ms": gemm,

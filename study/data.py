@@ -18,7 +18,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from study.errors import UsageError
@@ -238,6 +238,9 @@ class Split:
     labels: torch.Tensor  # noqa: F821
     binarize: str = "none"
     seed: int = 0
+    # served(out=...)'s own: the float images, and the buffer of each epoch's binary draw
+    _float: object = field(default=None, init=False, repr=False, compare=False)
+    _draw: object = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -250,7 +253,7 @@ class Split:
         """All images as float32 in [0, 1] on the device."""
         return self.images.float().div_(255.0)
 
-    def served(self, epoch: int = 0, order=None):
+    def served(self, epoch: int = 0, order=None, out=None):
         """The images as the model sees them in `epoch`, float32 in [0, 1] (or {0, 1}),
         optionally in `order` (an index tensor).
 
@@ -258,18 +261,38 @@ class Split:
         per epoch (Burda et al. 2016 train MNIST this way). Grey images are gathered as uint8
         before conversion (a quarter of the copying); binary draws are made in storage order,
         so an image's static sample does not depend on `order`.
+
+        `out`, a float32 tensor of the whole split's shape, receives the same values and is
+        returned: the Trainer passes the same one every epoch. On the CPU an epoch-sized
+        fresh tensor costs its page faults: serving MNIST's 60,000 training images in a new
+        order took 103 ms fresh and 27 ms into reused memory (measured on the 2-core Xeon),
+        6% of a compiled epoch. This keeps the float images (4 bytes a pixel) for reuse.
         """
         import torch
 
+        if out is not None:
+            if self._float is None:
+                self._float = self.grey()
+            x = self._float
+            if self.binarize != "none":
+                if self._draw is None:
+                    self._draw = torch.empty_like(x)
+                gen = torch.Generator(device=x.device).manual_seed(self._draw_seed(epoch))
+                u = torch.rand(x.shape, generator=gen, device=x.device, out=self._draw)
+                x = torch.lt(u, x, out=u)  # 1.0 where u < x, else 0.0: (u < x).float()
+            return out.copy_(x) if order is None else torch.index_select(x, 0, order, out=out)
         if self.binarize == "none":
             images = self.images if order is None else self.images[order]
             return images.float().div_(255.0)
         x = self.grey()
-        draw_seed = self.seed if self.binarize == "static" else self.seed * 100_003 + epoch + 1
-        gen = torch.Generator(device=x.device).manual_seed(draw_seed)
+        gen = torch.Generator(device=x.device).manual_seed(self._draw_seed(epoch))
         u = torch.rand(x.shape, generator=gen, device=x.device)
         binary = (u < x).float()
         return binary if order is None else binary[order]
+
+    def _draw_seed(self, epoch: int) -> int:
+        """The seed of the binary draw: one per split (`static`) or one per epoch."""
+        return self.seed if self.binarize == "static" else self.seed * 100_003 + epoch + 1
 
 
 @dataclass

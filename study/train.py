@@ -236,6 +236,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.steps_per_epoch = math.ceil(len(self.splits.train) / config.batch_size)
         self.epoch = 0  # epochs completed
+        self._served = None
         self.global_step = 0
 
     def state_dict(self) -> dict:
@@ -277,7 +278,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         perm = torch.randperm(n, device=self.device, generator=self.generator)
-        x_all = self.splits.train.served(self.epoch, perm)  # one gather; batches are views
+        if self._served is None:  # one buffer, refilled every epoch (see Split.served)
+            train = self.splits.train
+            self._served = torch.empty((len(train), *train.shape), device=self.device)
+        x_all = self.splits.train.served(self.epoch, perm, out=self._served)  # batches: views
         stats = torch.empty(self.steps_per_epoch, 3, device=self.device)
         betas = [beta_at(config, self.global_step + i, self.steps_per_epoch)
                  for i in range(self.steps_per_epoch)]

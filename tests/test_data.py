@@ -214,3 +214,19 @@ def test_unknown_dataset_and_binarization(data_root):
 def test_missing_files_say_run_make_data(tmp_path):
     with pytest.raises(DataError, match="run `make data`"):
         load_splits("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("binarize", ["none", "static", "dynamic"])
+def test_serving_into_a_reused_buffer_gives_the_same_images(data_root, binarize):
+    """The Trainer's path (one buffer refilled every epoch) serves exactly what a fresh
+    gather serves, in any order and epoch, without touching the split's uint8 images."""
+    split = load_splits("mnist", data_root, val_size=1000, seed=2, binarize=binarize).val
+    images = split.images.clone()
+    buffer = torch.full((len(split), *split.shape), float("nan"))
+    gen = torch.Generator().manual_seed(0)
+    for epoch in (0, 1, 5):
+        order = torch.randperm(len(split), generator=gen)
+        assert split.served(epoch, order, out=buffer) is buffer
+        assert torch.equal(buffer, split.served(epoch, order))
+    assert torch.equal(split.served(3, out=buffer), split.served(3))
+    assert torch.equal(split.images, images)
