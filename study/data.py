@@ -258,9 +258,9 @@ class Split:
         optionally in `order` (an index tensor).
 
         `static` uses one fixed Bernoulli sample per image (seeded); `dynamic` a fresh one
-        per epoch (Burda et al. 2016 train MNIST this way). Grey images are gathered as uint8
-        before conversion (a quarter of the copying); binary draws are made in storage order,
-        so an image's static sample does not depend on `order`.
+        per epoch (Burda et al. 2016 train MNIST this way). Without `out`, grey images are
+        gathered as uint8 before conversion (a quarter of the copying); binary draws are made
+        in storage order, so an image's static sample does not depend on `order`.
 
         `out`, a float32 tensor of the whole split's shape, receives the same values and is
         returned: the Trainer passes the same one every epoch. On the CPU an epoch-sized

@@ -7,7 +7,8 @@ before torch's first parallel kernel, the flag reaches them all; set after, as a
 built after loading data sets it, it reaches only the main thread. Measured on the 2-core
 Xeon: the compiled step's Adam kernel for the encoder's first layer took 625 us instead of
 124 us per step, since the other thread's half of it met the denormal first moments of
-rarely-lit border pixels, and a whole epoch 1.60 s instead of 1.42 s.
+rarely-lit border pixels; a whole epoch took 1.60 s against 1.42 s (medians of 4, two runs
+minutes apart on a host whose speed drifts).
 
 So `flush_denormals` also runs `torch.set_flush_denormal` once on each thread of torch's
 OpenMP pool, through the OpenMP runtime's own entry point for a parallel region
@@ -25,7 +26,6 @@ from pathlib import Path
 import torch
 
 _REGION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_keep: list = []  # ctypes callbacks must outlive the call
 
 
 def _libgomp() -> ctypes.CDLL | None:
@@ -72,9 +72,5 @@ def flush_denormals(on: bool = True) -> int:
         torch.set_flush_denormal(on)
         seen.append(1)
 
-    _keep.append(region)
-    try:
-        gomp.GOMP_parallel(ctypes.cast(region, ctypes.c_void_p), None, threads, 0)
-    finally:
-        _keep.remove(region)
-    return len(seen)
+    gomp.GOMP_parallel(ctypes.cast(region, ctypes.c_void_p), None, threads, 0)  # returns
+    return len(seen)  # after every thread ran `region`, which this frame keeps alive
