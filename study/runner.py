@@ -39,6 +39,7 @@ once every point is visited, re-runs random points instead of stopping.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing
 import os
@@ -65,10 +66,13 @@ GRACE_S = 120
 MAX_RETRY = 2
 SQLITE_BUSY_TIMEOUT_S = 60
 FINISHED = ("COMPLETE", "PRUNED")
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def default_storage(repo: Path = REPO) -> str:
-    return f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'optuna.db'}"
+    """$VAE_STORAGE (how make passes STORAGE: never on a command line), else
+    sqlite:///<repo>/mlruns/optuna.db."""
+    return os.environ.get("VAE_STORAGE") or f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'optuna.db'}"
 
 
 def default_data_root() -> str:
@@ -87,13 +91,21 @@ def available_cores() -> int:
 
 def check_storage(url: str) -> None:
     """The Optuna storage must be reachable (30 s) and writable; UsageError otherwise."""
-    from study.tracking import _writable, check_database, redact
+    from study.tracking import SQLITE_HEADER, _writable, check_database, redact
 
     if "://" in url:
-        check_database(url, "the Optuna storage", "--storage / STORAGE=")
-    elif not _writable(Path(url).resolve().parent):
+        check_database(url, "optuna", "--storage / STORAGE=")
+        return
+    path = Path(url).resolve()
+    if not _writable(path.parent):
         raise UsageError(f"journal file {redact(url)}: its folder cannot be created or written; "
                          f"pass a writable path with --storage")
+    if path.is_file():
+        with open(path, "rb") as fh:
+            if fh.read(len(SQLITE_HEADER)) == SQLITE_HEADER:
+                raise UsageError(f"--storage {path} is an SQLite database, not an Optuna "
+                                 f"journal file; pass sqlite:///{path} if it is an Optuna "
+                                 f"storage, or another path for a journal")
 
 
 def open_storage(url: str):
@@ -212,15 +224,26 @@ def parse_only(items: list[str] | None, specs: list[Spec]) -> tuple[tuple[str, s
             if name not in dims:
                 raise UsageError(f"--only {name}=...: {spec.name} has no grid dimension "
                                  f"{name!r}; its dimensions are {', '.join(dims) or 'none'}")
-            choices = [str(c) for c in dims[name].optuna_choices()]
-            if value not in choices:
+            choices = dims[name].optuna_choices()
+            if not any(same_value(c, value) for c in choices):
                 raise UsageError(f"--only {name}={value}: not one of {name}'s values in "
-                                 f"{spec.name} ({', '.join(choices)})")
+                                 f"{spec.name} ({', '.join(map(str, choices))})")
     return tuple(pairs)
 
 
+def same_value(param, text: str) -> bool:
+    """Whether the Optuna param value `param` is what `text` (from --only) names: numbers as
+    numbers (`beta=1` is the 1.0 of the grid), anything else by its text."""
+    if isinstance(param, (int, float)) and not isinstance(param, bool):
+        try:
+            return float(text) == param
+        except ValueError:
+            return False
+    return str(param) == text
+
+
 def matches(params: dict, only: tuple[tuple[str, str], ...]) -> bool:
-    return all(str(params.get(name)) == value for name, value in only)
+    return all(name in params and same_value(params[name], value) for name, value in only)
 
 
 def count_states(trials, invocation: str | None = None) -> dict[str, int]:
@@ -276,10 +299,15 @@ class StopRequest:
     def __init__(self):
         self.reason: str | None = None
         self.deadline: float | None = None
+        self.parent_pid: int | None = None
+        """In a worker process: the runner's pid; the worker stops when it is gone."""
 
     def __call__(self) -> bool:
         if self.reason is None and self.deadline is not None and time.time() >= self.deadline:
             self.reason = "--stop-after time reached"
+        if self.reason is None and self.parent_pid is not None \
+                and os.getppid() != self.parent_pid:
+            self.reason = f"the runner process {self.parent_pid} died"
         return self.reason is not None
 
     def on_signal(self, signum, _frame) -> None:
@@ -605,13 +633,8 @@ def close_orphan_runs(study, tracker) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if trial.state != optuna.trial.TrialState.FAIL or not run_id or run_id in claimed:
             continue
-        try:
-            status = tracker.client.get_run(run_id).info.status
-        except Exception:  # a run in another store, or deleted: nothing to close
-            continue
-        if status == "RUNNING":
-            tracker.end_run(run_id, "FAILED", reason="worker died (stale heartbeat); the trial "
-                                                     "was re-queued with the same params")
+        end_if_running(tracker, run_id, "FAILED", "worker died (stale heartbeat); the trial "
+                                                  "was re-queued with the same params")
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -721,13 +744,8 @@ def fail_dead_local_trials(study, tracker) -> list[int]:
         reason = f"worker process {owner['pid']} on {owner['host']} died"
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            try:
-                running = tracker.client.get_run(run_id).info.status == "RUNNING"
-            except Exception:  # a run in another store, or deleted: nothing to close
-                running = False
-            if running:
-                tracker.end_run(run_id, "FAILED", reason=f"{reason}; the trial was re-queued "
-                                                         f"with the same params")
+            end_if_running(tracker, run_id, "FAILED",
+                           f"{reason}; the trial was re-queued with the same params")
         retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
         _say(f"{study.study_name}: trial {trial.number} FAILED: {reason} (re-queued)")
     return failed
@@ -755,13 +773,45 @@ def work(jobs: list[Job], on_trial=None) -> None:
                     break
                 tracker = trackers.setdefault(job.tracking_uri, Tracker(job.tracking_uri))
                 run_study_trials(job, cache, tracker, on_trial)
+            if STOP.parent_pid is not None and os.getppid() != STOP.parent_pid:
+                for job in jobs:  # the runner that would have ended them is gone
+                    end_if_running(trackers[job.tracking_uri] if job.tracking_uri in trackers
+                                   else Tracker(job.tracking_uri), job.invocation, "KILLED",
+                                   f"the runner process {STOP.parent_pid} died")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _worker_process(jobs: list[Job]) -> None:
+def end_if_running(tracker, run_id: str, status: str, reason: str) -> bool:
+    """End the run `run_id` with `status` if it is still RUNNING; whether it was."""
+    try:
+        running = tracker.client.get_run(run_id).info.status == "RUNNING"
+    except Exception:  # a run in another store, or deleted: nothing to end
+        return False
+    if running:
+        tracker.end_run(run_id, status, reason=reason)
+    return running
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent (the runner) dies, even by
+    SIGKILL, so that no worker trains on unsupervised: SIGTERM stops the running trial at
+    its epoch end with a resumable state. Linux only (prctl); elsewhere the stop check
+    notices the new parent at the next epoch end."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_process(jobs: list[Job], parent_pid: int) -> None:
     """Entry point of a spawned worker process: exit 2 on a usage error."""
     warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+    STOP.parent_pid = parent_pid
+    die_with_parent(parent_pid)
     try:
         work(jobs)
     except UsageError as exc:
@@ -780,6 +830,8 @@ class Prepared:
     job: Job
     parent_run_id: str
     created_parent: bool
+    all_failed: str | None = None
+    """Set by finish_study when every trial this invocation ran failed: why, in a line."""
 
 
 def spec_settings(spec: Spec) -> dict:
@@ -814,6 +866,71 @@ def check_settings(study, spec: Spec, storage_label: str) -> None:
         f"--study-name {study.study_name} --storage {storage_label}`) or give the spec a new name")
 
 
+def trial_runs(tracker, experiment_id: str, study_name: str) -> list:
+    """Every trial run (any status) that the Optuna study `study_name` logged in the
+    experiment, read in pages."""
+    runs, token = [], None
+    while True:
+        page = tracker.client.search_runs(
+            [experiment_id], f"tags.run_kind = 'trial' and tags.optuna_study = '{study_name}'",
+            max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def reconcile_with_mlflow(study, spec: Spec, tracker, args) -> int:
+    """Check the Optuna study against the MLflow runs it names, before anything is written.
+
+    Finished trials whose runs the tracking store no longer holds (an emptied or replaced
+    mlflow.db) are refused: the reports could never show them and the study would never run
+    them again. FINISHED runs of this study that no trial names (an emptied or replaced
+    optuna.db) are adopted as COMPLETE trials when their logged settings are exactly what the
+    spec gives that point, so nothing is trained twice. Returns how many were adopted."""
+    from optuna.trial import TrialState, create_trial
+
+    from study.tracking import redact
+    from study.train import RUN_ONLY_FIELDS
+
+    experiment = tracker.client.get_experiment_by_name(spec.name)
+    runs = trial_runs(tracker, experiment.experiment_id, spec.study_name) if experiment else []
+    trials = study.get_trials(deepcopy=False)
+    in_store = {r.info.run_id for r in runs}
+    lost = [t.number for t in trials if t.state.name in FINISHED
+            and t.user_attrs.get("mlflow_run_id") not in in_store]
+    if lost:
+        raise UsageError(
+            f"study {spec.study_name!r} has {len(lost)} finished trial(s) whose MLflow runs "
+            f"are not in {redact(args.tracking_uri)} (was the tracking store emptied or "
+            f"replaced?); point --tracking-uri / TRACKING_URI at the store that holds them, or "
+            f"rebuild from scratch: `.venv/bin/optuna delete-study --study-name "
+            f"{spec.study_name} --storage {redact(args.storage)}`, then run again")
+    named = {t.user_attrs.get("mlflow_run_id") for t in trials}
+    adopted = 0
+    for run in runs:
+        if run.info.status != "FINISHED" or run.info.run_id in named:
+            continue
+        logged = run.data.params
+        params = {d.name: d.from_param(logged.get(d.name, "")) for d in spec.dimensions}
+        values = [run.data.metrics.get(m) for m in spec.metrics]
+        if any(v is None for v in [*params.values(), *values]):
+            continue
+        expected = spec.config_for(params).as_params()
+        if any(logged.get(k) != v for k, v in expected.items() if k not in RUN_ONLY_FIELDS):
+            continue  # trained with other settings: not this study's result
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, params=params, values=values,
+            distributions={d.name: d.distribution() for d in spec.dimensions},
+            user_attrs={"mlflow_run_id": run.info.run_id, "adopted_from_mlflow": True,
+                        "invocation": run.data.tags.get("mlflow.parentRunId", "")}))
+        adopted += 1
+    if adopted:
+        _say(f"{spec.study_name}: adopted {adopted} finished MLflow run(s) that the Optuna "
+             f"storage did not know (lost trials); they are not trained again")
+    return adopted
+
+
 def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prepared:
     """Create (or, as a --worker, find) the study, its experiment and this invocation's parent
     run. Nothing here trains."""
@@ -828,6 +945,7 @@ def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prep
             raise UsageError(f"no study {name!r} in {redact(args.storage)}; start it first with "
                              f"`make study STUDY={spec.name} PROFILE={spec.profile}`") from None
         check_settings(study, spec, redact(args.storage))
+        reconcile_with_mlflow(study, spec, tracker, args)
         experiment_id = tracker.experiment_id(spec.name, create=False)
         parent = study.user_attrs.get("mlflow_parent_run_id")
         if not parent:
@@ -842,6 +960,7 @@ def prepare_study(spec: Spec, args, storage, tracker, worker_mode: bool) -> Prep
             raise UsageError(f"study {name!r} exists with directions {found}, but the spec asks "
                              f"for {spec.directions}; rename the spec or delete the study")
         check_settings(study, spec, redact(args.storage))
+        reconcile_with_mlflow(study, spec, tracker, args)
         experiment_id = tracker.experiment_id(spec.name)
         close_dead_parent_runs(tracker, experiment_id)
         tags = {"study": spec.name, "profile": spec.profile, "run_kind": "study",
@@ -877,6 +996,12 @@ def finish_study(prep: Prepared, storage, tracker, wall: float, status: str) -> 
     tracking = sum(t.user_attrs.get("tracking_seconds", 0.0) for t in mine)
     total = sum(t.user_attrs.get("tracking_total_seconds", 0.0) for t in mine)
     counts = count_states(mine)
+    failed = [t for t in mine if t.state.name == "FAIL" and "duplicate_of" not in t.user_attrs
+              and "stopped" not in t.user_attrs]
+    if failed and not any(t.state.name in FINISHED for t in trials):
+        prep.all_failed = (f"every trial of {prep.spec.study_name} failed ({len(failed)} "
+                           f"this run); the first: "
+                           f"{failed[0].user_attrs.get('failure_reason', 'no reason recorded')}")
     summary = {
         "trials_complete": counts["COMPLETE"], "trials_pruned": counts["PRUNED"],
         "trials_failed": counts["FAIL"],
@@ -905,7 +1030,7 @@ def _progress_count(storage, preps: list[Prepared]) -> int:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from study.tracking import Tracker, check_tracking_uri, redact
+    from study.tracking import Tracker, check_tracking_uri, first_use_lock, redact
     from study.train import resolve_device
 
     if args.profile not in PROFILES:
@@ -930,24 +1055,25 @@ def cmd_run(args) -> int:
     only = parse_only(args.only, specs)
     resolve_device(args.device)
     args.storage = args.storage or default_storage()
-    args.tracking_uri = args.tracking_uri or os.environ.get("VAE_TRACKING_URI") \
-        or _default_tracking_uri()
+    args.tracking_uri = args.tracking_uri or _default_tracking_uri()
     check_tracking_uri(args.tracking_uri)
     check_storage(args.storage)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
-    storage = open_storage(args.storage)
-    tracker = Tracker(args.tracking_uri)
     preps: list[Prepared] = []
-    try:
-        for spec in specs:
-            preps.append(prepare_study(spec, args, storage, tracker, args.worker))
-    except BaseException:
-        for prep in preps:
-            if prep.created_parent:
-                tracker.end_run(prep.parent_run_id, "FAILED", reason="the suite did not start")
-        raise
+    with first_use_lock(args.storage, args.tracking_uri):  # two first runs: one creates
+        storage = open_storage(args.storage)
+        tracker = Tracker(args.tracking_uri)
+        try:
+            for spec in specs:
+                preps.append(prepare_study(spec, args, storage, tracker, args.worker))
+        except BaseException:
+            for prep in preps:
+                if prep.created_parent:
+                    tracker.end_run(prep.parent_run_id, "FAILED",
+                                    reason="the suite did not start")
+            raise
     threads = max(1, available_cores() // args.jobs)
     stop_at = time.time() + 60 * args.stop_after if args.stop_after else None
     jobs = [replace(p.job, threads=threads, stop_at=stop_at, only=only) for p in preps]
@@ -991,6 +1117,11 @@ def cmd_run(args) -> int:
               + (f"; tracking {overhead:.2f}% of training time "
                  f"({summary['tracking_total_overhead_pct']:.1f}% with artifacts)"
                  if overhead is not None else ""))
+    for prep in preps:
+        if prep.all_failed:
+            print(f"error: {redact(prep.all_failed)}; see failure_reason on the runs "
+                  f"(make ui)", file=sys.stderr)
+            code = code or 1
     if STOP.reason:
         print(f"stopped ({STOP.reason}): running trials saved a resumable state; the same "
               f"command resumes them.")
@@ -1012,7 +1143,8 @@ def _run_processes(jobs: list[Job], n: int, progress, bar) -> int:
     procs = []
     for i in range(n):
         worker_jobs = [replace(job, worker=i, progress=False) for job in jobs]
-        proc = ctx.Process(target=_worker_process, args=(worker_jobs,), name=f"vae-worker-{i}")
+        proc = ctx.Process(target=_worker_process, args=(worker_jobs, os.getpid()),
+                           name=f"vae-worker-{i}")
         proc.start()
         procs.append(proc)
 
@@ -1074,13 +1206,15 @@ def cmd_ui(args) -> int:
     check_tracking_uri(uri)
     root = artifact_root(uri)
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+    # the store URI goes in the environment (mlflow server's MLFLOW_BACKEND_STORE_URI), not
+    # on the command line, where any user's process list would show its password
+    cmd = [sys.executable, "-m", "mlflow", "server",
            "--default-artifact-root", "mlflow-artifacts:/", "--artifacts-destination", root.as_uri(),
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType="
           f"machine_learning over {redact(uri)} (artifacts in {root}); Ctrl-C stops it",
           flush=True)
-    os.execv(sys.executable, cmd)
+    os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
     return 0  # pragma: no cover - execv does not return
 
 

@@ -109,6 +109,33 @@ class Dimension:
             return tuple(json.loads(value))
         return value
 
+    def distribution(self):
+        """The Optuna distribution `suggest` draws from (to add a trial made elsewhere)."""
+        import optuna
+
+        if self.is_grid:
+            return optuna.distributions.CategoricalDistribution(self.optuna_choices())
+        if self.integer:
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high),
+                                                        log=self.log, step=int(self.step or 1))
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log,
+                                                      step=self.step)
+
+    def from_param(self, text: str) -> Any:
+        """The Optuna param value of a run whose MLflow param (a string) is `text`, or None
+        when it is none of this dimension's values."""
+        if self.is_grid:
+            for choice in self.optuna_choices():
+                if str(self.decode(choice)) == text:
+                    return choice
+            return None
+        try:
+            value = int(text) if self.integer else float(text)
+        except ValueError:
+            return None
+        return value if self.distribution()._contains(
+            self.distribution().to_internal_repr(value)) else None
+
     def describe(self) -> str:
         if self.is_grid:
             return f"{self.name} in {list(self.choices)}"
