@@ -12,7 +12,9 @@ dimensions, averaged over images), SSE summed over pixels and averaged over imag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import math
 import os
@@ -35,6 +37,8 @@ CONNECT_TIMEOUT_S = 15
 interpreter and imports, an unreachable store is reported within the 30 s the issue allows."""
 EXPERIMENT_KIND = "mlflow.experimentKind"
 """The experiment tag MLflow's UI reads to choose its model-training view over the GenAI one."""
+SQLITE_LOCK_TIMEOUT_S = 60
+"""Seconds a SQLite connection waits for another process's write lock."""
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAG_LENGTH = 5000
@@ -56,7 +60,10 @@ def redact(text: str) -> str:
 
 
 def default_tracking_uri(repo: Path = REPO) -> str:
-    return f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'mlflow.db'}"
+    """$VAE_TRACKING_URI (how make passes TRACKING_URI: never on a command line), else
+    sqlite:///<repo>/mlruns/mlflow.db."""
+    return os.environ.get("VAE_TRACKING_URI") or \
+        f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'mlflow.db'}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -101,6 +108,25 @@ def tune_sqlite() -> None:
             cursor.close()
 
 
+@contextlib.contextmanager
+def first_use_lock(*urls: str):
+    """Hold an exclusive lock on the folder of each SQLite store in `urls` for the block.
+
+    Two first runs on fresh SQLite files would both create the schema (Optuna's and MLflow's
+    alembic version rows collide) and both create the study's experiment; under this lock one
+    creates, the other finds. A folder lock (flock on its descriptor) leaves no lock file, and
+    never touches the database files, whose own POSIX locks SQLite manages."""
+    folders = sorted({str(sqlite_path(u).resolve().parent) for u in urls
+                      if sqlite_path(u) is not None})
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)
+            stack.callback(os.close, fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+
+
 def _writable(path: Path) -> bool:
     """True when `path` could be created: its nearest existing ancestor is a writable dir."""
     for parent in [path, *path.parents]:
@@ -109,8 +135,45 @@ def _writable(path: Path) -> bool:
     return False
 
 
-def check_database(url: str, what: str, flag: str) -> None:
-    """Reach a SQLAlchemy database within CONNECT_TIMEOUT_S, or raise UsageError (redacted)."""
+STORE_TABLES = {"optuna": {"studies", "trials", "version_info"},
+                "mlflow": {"experiments", "runs", "metrics"}}
+"""Tables that mark a database as an Optuna storage or an MLflow tracking store."""
+STORE_NAMES = {"optuna": "an Optuna storage", "mlflow": "an MLflow tracking store"}
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_tables(db: Path) -> set[str]:
+    """The tables of an existing SQLite file; DatabaseError when it is not an intact one."""
+    import sqlite3
+
+    with open(db, "rb") as fh:
+        header = fh.read(100)
+    if not header.startswith(SQLITE_HEADER):
+        raise sqlite3.DatabaseError("file is not a database")
+    # The header's page count is valid when its change counter matches (offsets 24 and 92):
+    # a file shorter than that many pages was cut short (SQLite reports it only on reading).
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if header[24:28] == header[92:96]:
+        pages = int.from_bytes(header[28:32], "big")
+        if db.stat().st_size < pages * page_size:
+            raise sqlite3.DatabaseError("database disk image is malformed (file cut short)")
+    conn = sqlite3.connect(db, timeout=SQLITE_LOCK_TIMEOUT_S)
+    try:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+
+
+def check_database(url: str, kind: str, flag: str) -> None:
+    """Reach the SQLAlchemy database of `kind` ("optuna" or "mlflow") within
+    CONNECT_TIMEOUT_S and recognize it before anything writes to it: an empty or new
+    database, or one holding that kind's tables. Raise UsageError (redacted) for an
+    unreachable, unwritable or damaged database, or one that holds the other kind's tables
+    (STORAGE and TRACKING_URI swapped)."""
+    import sqlalchemy
+
+    what = f"the {'Optuna storage' if kind == 'optuna' else 'MLflow tracking store'}"
     db = sqlite_path(url)
     if db is not None:
         if not _writable(db.parent):
@@ -119,20 +182,34 @@ def check_database(url: str, what: str, flag: str) -> None:
         if db.exists() and not os.access(db, os.W_OK):
             raise UsageError(f"{what} {redact(url)} is not writable; fix its permissions or "
                              f"pass another {flag}")
-        return
-    import sqlalchemy
+        if not db.exists() or db.stat().st_size == 0:
+            return
+        import sqlite3
 
-    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith(
-        ("postgresql", "mysql")) else {}
-    try:
-        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT 1"))
-        engine.dispose()
-    except Exception as exc:  # any driver error means: not usable now
-        reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
-        raise UsageError(f"cannot reach {what} {redact(url)} ({reason}); start the database or "
-                         f"fix {flag}") from None
+        try:
+            tables = _sqlite_tables(db)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise UsageError(f"{what} {db} is damaged ({exc}); restore it from a backup, or "
+                             f"move it away to start afresh, or pass another {flag}") from None
+    else:
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith(
+            ("postgresql", "mysql")) else {}
+        try:
+            engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT 1"))
+                tables = set(sqlalchemy.inspect(conn).get_table_names())
+            engine.dispose()
+        except Exception as exc:  # any driver error means: not usable now
+            reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+            raise UsageError(f"cannot reach {what} {redact(url)} ({reason}); start the "
+                             f"database or fix {flag}") from None
+    other = "mlflow" if kind == "optuna" else "optuna"
+    if STORE_TABLES[other] <= tables:
+        raise UsageError(
+            f"{what} {redact(url)} holds {STORE_NAMES[other]}, not {STORE_NAMES[kind]}: "
+            f"are STORAGE and TRACKING_URI swapped? Optuna and MLflow each need their own "
+            f"database (default mlruns/optuna.db and mlruns/mlflow.db); fix {flag}")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -151,7 +228,7 @@ def check_tracking_uri(uri: str) -> None:
     if "://" not in uri or uri.startswith("file:"):
         raise UsageError(f"tracking URI {redact(uri)} is a file store, which MLflow 3.13+ no "
                          f"longer supports; use sqlite:///<path>/mlflow.db or http://host:port")
-    check_database(uri, "the MLflow tracking store", flag)
+    check_database(uri, "mlflow", flag)
 
 
 @functools.cache
@@ -225,9 +302,16 @@ class Tracker:
         if self.artifacts is not None:
             folder = self.artifacts / re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
             location = folder.as_uri()
-        # MLflow 3's UI opens experiments in its GenAI view unless told they train models
-        return self.client.create_experiment(name, artifact_location=location,
-                                             tags={EXPERIMENT_KIND: "custom_model_development"})
+        from mlflow.exceptions import MlflowException
+
+        try:  # MLflow 3's UI opens experiments in its GenAI view unless told they train models
+            return self.client.create_experiment(
+                name, artifact_location=location,
+                tags={EXPERIMENT_KIND: "custom_model_development"})
+        except MlflowException as exc:  # another process created it since we looked
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, experiment_id: str, name: str, tags: dict, params: dict | None = None,
                   parent_run_id: str | None = None) -> str:
