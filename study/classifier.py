@@ -174,6 +174,20 @@ def get_classifier(dataset: str, root, device: str = "cpu",
     key = (str(path), str(device))
     if key in _LOADED:
         return _LOADED[key]
+    trained = False
+    if not path.exists():  # a cached file is only read: a read-only data folder serves it
+        trained = _train_and_save(dataset, root, settings, device, path)
+    payload = torch.load(path, map_location=device, weights_only=True)
+    net = SmallCNN(payload["image_shape"], payload["n_classes"], settings).to(device)
+    net.load_state_dict(payload["state_dict"])
+    classifier = Classifier(net.eval(), float(payload["test_accuracy"]), path, trained, settings)
+    _LOADED[key] = classifier
+    return classifier
+
+
+def _train_and_save(dataset: str, root, settings: Settings, device: str, path: Path) -> bool:
+    """Train the classifier and write it to `path`, unless another process did while we
+    waited for the lock; True when this process trained it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -194,10 +208,5 @@ def get_classifier(dataset: str, root, device: str = "cpu",
             tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
             torch.save(payload, tmp)
             os.replace(tmp, path)
-    payload = torch.load(path, map_location=device, weights_only=True)
-    net = SmallCNN(payload["image_shape"], payload["n_classes"], settings).to(device)
-    net.load_state_dict(payload["state_dict"])
-    classifier = Classifier(net.eval(), float(payload["test_accuracy"]), path, trained, settings)
-    _LOADED[key] = classifier
-    return classifier
+    return trained
 
