@@ -18,7 +18,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA_STAMP := data/.verified
-STORES := --storage '$(STORAGE)' --tracking-uri '$(TRACKING_URI)'
+# The store URLs reach the commands through the environment, never their command lines, so
+# that a PostgreSQL password is neither echoed by make nor visible in a process list.
+export VAE_STORAGE = $(STORAGE)
+export VAE_TRACKING_URI = $(TRACKING_URI)
+REDACT := sed -E 's\#(://[^:/@]*):[^@]*@\#\1:***@\#g'
 RUN_OPTS = --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER)) $(foreach o,$(ONLY),--only $(o))
 
 help: ## list targets and variables
@@ -27,8 +31,8 @@ help: ## list targets and variables
 	@echo "variables: PROFILE=$(PROFILE) STUDY=$(STUDY) DEVICE=$(DEVICE) JOBS=$(JOBS) HOST=$(HOST) PORT=$(PORT)"
 	@echo "           STOP_AFTER=$(STOP_AFTER) (minutes; trials then stop at an epoch end, resumable)"
 	@echo "           ONLY=$(ONLY) (NAME=VALUE ...: only the grid points that match, e.g. ONLY=variant=vae)"
-	@echo "           STORAGE=$(STORAGE)"
-	@echo "           TRACKING_URI=$(TRACKING_URI)"
+	@echo "           STORAGE=$${VAE_STORAGE}" | $(REDACT)
+	@echo "           TRACKING_URI=$${VAE_TRACKING_URI}" | $(REDACT)
 
 setup: $(STAMP) ## create .venv and install vae-study (reruns only when pyproject.toml changes)
 
@@ -42,22 +46,36 @@ data: setup ## fetch MNIST and Fashion-MNIST into data/ and verify their SHA-256
 	$(PY) -m study.data --root data
 
 study: setup data ## run the default study suite for PROFILE (or STUDY=name), then build the reports
-	$(PY) -m study.runner run $(STORES) $(RUN_OPTS)
+	$(PY) -m study.runner run $(RUN_OPTS)
 	$(MAKE) --no-print-directory report
 
 worker: setup data ## join a running study on a shared STORAGE / TRACKING_URI (STUDY=name required)
-	$(PY) -m study.runner run --worker $(STORES) $(RUN_OPTS)
+	$(PY) -m study.runner run --worker $(RUN_OPTS)
 
 report: setup ## build reports/ (index, loss choice, KL dynamics) from the MLflow runs
-	$(PY) -m analysis.report --tracking-uri '$(TRACKING_URI)' --profile $(PROFILE) --out reports
+	$(PY) -m analysis.report --profile $(PROFILE) --out reports
 
 ui: setup ## serve the MLflow UI on HOST:PORT (default 127.0.0.1:5000)
-	$(PY) -m study.runner ui --tracking-uri '$(TRACKING_URI)' --host $(HOST) --port $(or $(PORT),5000)
+	$(PY) -m study.runner ui --host $(HOST) --port $(or $(PORT),5000)
 
 dashboard: setup ## serve optuna-dashboard over STORAGE on HOST:PORT (default 127.0.0.1:8080)
-	$(PY) -m study.runner dashboard --storage '$(STORAGE)' --host $(HOST) --port $(or $(PORT),8080)
+	$(PY) -m study.runner dashboard --host $(HOST) --port $(or $(PORT),8080)
 
-test: setup data ## run every test (pytest)
+system: ## install the Debian packages the tests need (chromium, postgresql) where root, else name them
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  command -v npm >/dev/null || missing="$$missing npm"; \
+	  echo "installing Debian packages the tests need:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing || exit 2; \
+	elif [ -n "$$missing" ]; then \
+	  echo "error: the tests need the system packages$$missing; install them (Debian/Ubuntu: sudo apt-get install -y$$missing) and run make test again" >&2; \
+	  exit 2; \
+	fi
+
+test: system setup data ## run every test (pytest); installs chromium and postgresql first where root
 	$(PY) -m pytest -q -rs --durations=15
 
 bench: setup data ## measure training speed against the DataLoader baseline -> reports/bench.json
@@ -70,4 +88,4 @@ clean: ## remove generated reports and the MLflow/Optuna stores (keeps data/ and
 	rm -rf reports mlruns/* test-artifacts
 	touch mlruns/.gitkeep
 
-.PHONY: help setup data study worker report ui dashboard test bench lint clean
+.PHONY: help setup data study worker report ui dashboard system test bench lint clean

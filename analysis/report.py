@@ -23,7 +23,9 @@ EXPECTED_STUDIES = ("loss_choice", "kl_dynamics", "search_mnist", "search_fashio
 
 
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or \
+    """$VAE_TRACKING_URI (as the runner reads it), else $MLFLOW_TRACKING_URI, else
+    sqlite:///<cwd>/mlruns/mlflow.db."""
+    return os.environ.get("VAE_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{Path.cwd().resolve() / 'mlruns' / 'mlflow.db'}"
 
 
