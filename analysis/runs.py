@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from study.errors import UsageError
-from study.tracking import redact  # one redaction for everything written or printed
+from study.stores import redact  # one redaction for everything written or printed
 
 FINISHED = "FINISHED"
 PARENT_TAG = "mlflow.parentRunId"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from study.config import Config
-from study.data import Split, Splits, load_splits
+from study.data import Split, Splits, load_splits, splits_for
 from study.denormals import flush_denormals
 from study.evaluate import evaluate_elbo, evaluate_iwae
 from study.model import build_model
@@ -232,9 +232,7 @@ def _scaling_worker(args) -> tuple[int, float, float]:
     the monotonic clock, which all processes of the machine share."""
     config, trials, threads = args
     torch.set_num_threads(threads)
-    splits = load_splits(config.dataset, config.data_root, val_size=config.val_size,
-                         seed=config.seed, train_subset=config.train_subset,
-                         test_subset=config.test_subset)
+    splits = splits_for(config)
     train(config.replace(seed=999), splits=splits, evaluate_at_end=False)  # warm-up, untimed
     start = time.monotonic()
     for t in range(trials):

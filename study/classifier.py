@@ -158,31 +158,38 @@ def _fit(net, optimizer, schedule, x, y, settings: Settings, gen, device) -> Non
             schedule.step()
 
 
-_LOADED: dict[tuple[str, str], Classifier] = {}
-"""In-process cache keyed by (cache file, device): a study loads each classifier once."""
-
-
 def get_classifier(dataset: str, root, device: str = "cpu",
                    settings: Settings = DEFAULT_SETTINGS) -> Classifier:
-    """The dataset's classifier: from memory, else from the cache file, else trained and saved.
+    """The dataset's classifier from its cache file, trained and saved there first if the
+    file does not exist yet. Reading a cached file needs no write access to `root`.
 
     Several processes may ask at once: an exclusive lock on `<file>.lock` lets one train
     while the others wait, and the file is written under a temporary name and renamed, so
     no reader ever sees a partial file.
     """
     path = cache_path(dataset, root, settings)
-    key = (str(path), str(device))
-    if key in _LOADED:
-        return _LOADED[key]
     trained = False
-    if not path.exists():  # a cached file is only read: a read-only data folder serves it
+    if not path.exists():
         trained = _train_and_save(dataset, root, settings, device, path)
     payload = torch.load(path, map_location=device, weights_only=True)
     net = SmallCNN(payload["image_shape"], payload["n_classes"], settings).to(device)
     net.load_state_dict(payload["state_dict"])
-    classifier = Classifier(net.eval(), float(payload["test_accuracy"]), path, trained, settings)
-    _LOADED[key] = classifier
-    return classifier
+    return Classifier(net.eval(), float(payload["test_accuracy"]), path, trained, settings)
+
+
+class Classifiers:
+    """The classifiers one process uses, each loaded (or first trained) once, by dataset and
+    device: what a study hands to `train(..., classifier=...)`."""
+
+    def __init__(self, root, settings: Settings = DEFAULT_SETTINGS):
+        self.root, self.settings = root, settings
+        self.loaded: dict[tuple[str, str], Classifier] = {}
+
+    def get(self, dataset: str, device: str = "cpu") -> Classifier:
+        key = (dataset, str(device))
+        if key not in self.loaded:
+            self.loaded[key] = get_classifier(dataset, self.root, device, self.settings)
+        return self.loaded[key]
 
 
 def _train_and_save(dataset: str, root, settings: Settings, device: str, path: Path) -> bool:

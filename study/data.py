@@ -263,10 +263,9 @@ class Split:
         in storage order, so an image's static sample does not depend on `order`.
 
         `out`, a float32 tensor of the whole split's shape, receives the same values and is
-        returned: the Trainer passes the same one every epoch. On the CPU an epoch-sized
-        fresh tensor costs its page faults: serving MNIST's 60,000 training images in a new
-        order took 103 ms fresh and 27 ms into reused memory (measured on the 2-core Xeon),
-        6% of a compiled epoch. This keeps the float images (4 bytes a pixel) for reuse.
+        returned: the Trainer passes the same one every epoch, since a fresh epoch-sized
+        tensor costs its page faults every epoch (docs/performance.md). This keeps the float
+        images (4 bytes a pixel) for reuse.
         """
         import torch
 
@@ -361,6 +360,18 @@ def load_splits(
         test=split(x_test, y_test, 3),
         dataset=dataset,
     )
+
+
+SPLIT_FIELDS = ("dataset", "data_root", "val_size", "seed", "binarize", "train_subset",
+                "test_subset")
+"""The Config fields that decide a run's splits: runs equal in these share loaded splits."""
+
+
+def splits_for(config, device: str = "cpu") -> Splits:
+    """The splits of a run of `config` (a study.config.Config), whole on `device`."""
+    return load_splits(config.dataset, config.data_root, device=device,
+                       val_size=config.val_size, seed=config.seed, binarize=config.binarize,
+                       train_subset=config.train_subset, test_subset=config.test_subset)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,9 @@
 OpenMP threads that run the other chunks of every parallel kernel (ATen's and Inductor's)
 keep the mode they were created with, and a thread is created with its creator's mode: set
 before torch's first parallel kernel, the flag reaches them all; set after, as a Trainer
-built after loading data sets it, it reaches only the main thread. Measured on the 2-core
-Xeon: the compiled step's Adam kernel for the encoder's first layer took 625 us instead of
-124 us per step, since the other thread's half of it met the denormal first moments of
-rarely-lit border pixels; a whole epoch took 1.60 s against 1.42 s (medians of 4, two runs
-minutes apart on a host whose speed drifts).
+built after loading data sets it, it reaches only the main thread. The other threads'
+halves of every parallel kernel then compute on denormals, many times slower
+(docs/performance.md).
 
 So `flush_denormals` also runs `torch.set_flush_denormal` once on each thread of torch's
 OpenMP pool, through the OpenMP runtime's own entry point for a parallel region

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from study import quality
+from study.classifier import Classifier
 from study.config import Config
 from study.data import Split
 from study.likelihoods import Likelihood
@@ -80,13 +81,15 @@ def evaluate_iwae(
     return -total / x_all.shape[0]
 
 
-def evaluate_test(model: VAE, likelihood: Likelihood, splits, config: Config) -> dict[str, float]:
-    """Every test metric of the engine, keyed without the `test/` prefix."""
+def evaluate_test(model: VAE, likelihood: Likelihood, splits, config: Config,
+                  classifier: Classifier | None = None) -> dict[str, float]:
+    """Every test metric of the engine, keyed without the `test/` prefix (the Frechet
+    distance only with the dataset's `classifier`)."""
     out = evaluate_elbo(model, likelihood, splits.test, config, seed=config.seed + 17)
     out["iwae_nll"] = evaluate_iwae(
         model, likelihood, splits.test, config.test_iw_k, config.test_iw_images,
         seed=config.seed + 23,
     )
     out["iwae_k"] = config.test_iw_k
-    out.update(quality.quality_metrics(model, likelihood, splits, config))
+    out.update(quality.quality_metrics(model, likelihood, splits, config, classifier))
     return out

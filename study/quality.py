@@ -17,7 +17,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from study import classifier
+from study.classifier import Classifier
 from study.config import Config
 from study.data import Split, Splits
 from study.likelihoods import Likelihood
@@ -95,8 +95,7 @@ def probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
         StandardScaler(),
         LogisticRegression(max_iter=PROBE_MAX_ITER, random_state=PROBE_SEED),
     )
-    # one BLAS thread: numpy's pool and torch's fight over the cores otherwise (measured 2 s
-    # becoming 52 s after torch had run on this 2-core machine)
+    # one BLAS thread: numpy's pool and torch's fight over the cores otherwise
     with threadpool_limits(limits=1, user_api="blas"):
         probe.fit(train_features, train_labels)
         return float(probe.score(test_features, test_labels))
@@ -133,16 +132,17 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def quality_metrics(model: VAE, likelihood: Likelihood, splits: Splits,
-                    config: Config) -> dict[str, float]:
+def quality_metrics(model: VAE, likelihood: Likelihood, splits: Splits, config: Config,
+                    net: Classifier | None = None) -> dict[str, float]:
     """Likelihood-free metrics on the test split, keyed without the `test/` prefix.
 
     ssim and err_bin_XX compare each grey test image with the mean reconstruction at its
     posterior mean (encoded as the model sees it: binarized where the config binarizes);
     probe_accuracy fits a linear probe on the posterior means of at most
     PROBE_TRAIN_IMAGES training images; frechet_distance compares classifier features of the
-    grey test images with those of as many decoded prior samples z ~ N(0, I) (seeded);
-    classifier_accuracy is that classifier's own accuracy on the full official test split.
+    grey test images with those of as many decoded prior samples z ~ N(0, I) (seeded), in
+    the features of the dataset's classifier `net`; classifier_accuracy is that classifier's
+    own accuracy on the full official test split. Both are left out without a `net`.
     """
     was_training = model.training
     model.eval()
@@ -161,12 +161,12 @@ def quality_metrics(model: VAE, likelihood: Likelihood, splits: Splits,
         _numpy(mu), test.labels.cpu().numpy(),
     )
 
-    gen = torch.Generator(device=mu.device).manual_seed(config.seed + SAMPLE_SEED_OFFSET)
-    z = torch.randn(len(test), model.latent_dim, generator=gen, device=mu.device)
-    samples = decoded_means(model, likelihood, z, batch)
-    net = classifier.get_classifier(splits.dataset, config.data_root, device=str(mu.device))
-    out["frechet_distance"] = frechet_distance(_numpy(net.features(images)),
-                                               _numpy(net.features(samples)))
-    out["classifier_accuracy"] = net.test_accuracy
+    if net is not None:
+        gen = torch.Generator(device=mu.device).manual_seed(config.seed + SAMPLE_SEED_OFFSET)
+        z = torch.randn(len(test), model.latent_dim, generator=gen, device=mu.device)
+        samples = decoded_means(model, likelihood, z, batch)
+        out["frechet_distance"] = frechet_distance(_numpy(net.features(images)),
+                                                   _numpy(net.features(samples)))
+        out["classifier_accuracy"] = net.test_accuracy
     model.train(was_training)
     return out

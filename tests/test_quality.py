@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from study import classifier, quality
-from study.data import load_splits
+from study.data import load_splits, splits_for
 from study.likelihoods import Gaussian
 from study.model import VAE
 from study.train import train
@@ -99,15 +99,15 @@ def test_ssim_of_an_image_with_itself_is_one_and_lower_with_noise(mnist_test):
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion"])
 def test_classifier_accuracy_and_cache(data_root, dataset):
-    first = classifier.get_classifier(dataset, data_root)
+    loaded = classifier.Classifiers(data_root)
+    first = loaded.get(dataset)
     assert first.test_accuracy >= TARGET_ACCURACY[dataset]
-    assert classifier.get_classifier(dataset, data_root) is first  # in-process cache
+    assert loaded.get(dataset) is first  # each loaded once per Classifiers
 
     payload = torch.load(first.path, weights_only=True)
     assert payload["test_accuracy"] == first.test_accuracy
     assert payload["dataset"] == dataset
     mtime = first.path.stat().st_mtime_ns
-    classifier._LOADED.clear()
     again = classifier.get_classifier(dataset, data_root)
     assert again is not first and not again.trained
     assert first.path.stat().st_mtime_ns == mtime
@@ -135,18 +135,19 @@ def test_classifier_features_separate_real_from_noisy_images(data_root, mnist_te
 
 
 def _splits_of(config):
-    return load_splits(config.dataset, config.data_root, val_size=config.val_size,
-                       seed=config.seed, train_subset=config.train_subset,
-                       test_subset=config.test_subset)
+    return splits_for(config)
 
 
 def test_quality_metrics_on_a_trained_model(tiny_config):
     result = train(tiny_config, evaluate_at_end=False)
     splits = _splits_of(tiny_config)
-    metrics = quality.quality_metrics(result.model, result.likelihood, splits, tiny_config)
+    net = classifier.get_classifier("mnist", tiny_config.data_root)
+    metrics = quality.quality_metrics(result.model, result.likelihood, splits, tiny_config, net)
     bins = {f"err_bin_{b:02d}" for b in range(quality.N_BINS)}
     assert set(metrics) == {"ssim", "probe_accuracy", "frechet_distance",
                             "classifier_accuracy"} | bins
+    without = quality.quality_metrics(result.model, result.likelihood, splits, tiny_config)
+    assert set(without) == {"ssim", "probe_accuracy"} | bins  # no classifier, no Frechet
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["probe_accuracy"] > 0.5  # 10 classes: chance is 0.1
     assert 0 < metrics["ssim"] < 1

@@ -15,7 +15,7 @@ from study.config import LIKELIHOODS, Config, burda_epochs
 from study.errors import UsageError
 from study.runner import main
 from study.specs import PROFILES, VARIANT, load_spec, spec_names, suite_names
-from study.tracking import redact
+from study.stores import redact
 
 SUITE = ["kl_dynamics", "loss_choice", "search_fashion", "search_mnist"]
 

@@ -499,16 +499,16 @@ def test_a_journal_file_storage_works(tmp_path, data_env):
 def test_a_trial_whose_worker_died_is_failed_and_run_again(tmp_path, data_env, monkeypatch):
     """A RUNNING trial whose heartbeat stopped (its process was killed) is marked FAIL, its
     MLflow run is closed FAILED, and the same params run again in a new trial."""
-    from study import runner
+    from study import stores
     from study.tracking import Tracker
 
-    monkeypatch.setattr(runner, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(runner, "GRACE_S", 2)
+    monkeypatch.setattr(stores, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(stores, "GRACE_S", 2)
     spec = tmp_path / "dead.toml"
     spec.write_text(textwrap.dedent('sampler = "grid"\n[space]\nbeta = [0.5, 1.0]\n'
                                     + TINY + "epochs = 1\n"))
     folder = tmp_path / "stores"
-    storage = runner.open_storage(f"sqlite:///{folder}/optuna.db")
+    storage = stores.open_storage(f"sqlite:///{folder}/optuna.db")
     study = optuna.create_study(study_name="dead-smoke", storage=storage)
     study.enqueue_trial({"beta": 0.5})
     dead = study.ask()

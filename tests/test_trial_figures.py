@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from study import tracking
+from study import trial_figures
 
 
 def full_redraw(blitted) -> np.ndarray:
@@ -22,7 +22,7 @@ def pixels(path) -> np.ndarray:
 
 
 def test_heatmap_is_what_a_full_redraw_draws(tmp_path):
-    figures = tracking._Figures()
+    figures = trial_figures.TrialFigures()
     rng = np.random.default_rng(0)
     first = 10 ** rng.uniform(-3, 2.5, size=(16, 5))  # below and above the fixed colour range
     second = 10 ** rng.uniform(-3, 2.5, size=(16, 5))
@@ -42,12 +42,12 @@ def test_heatmap_is_what_a_full_redraw_draws(tmp_path):
 
 
 def test_projection_is_what_a_full_redraw_draws(tmp_path):
-    figures = tracking._Figures()
+    figures = trial_figures.TrialFigures()
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(600) % 10
     for name, scale in (("a", 1.0), ("b", 4.0)):
         means = torch.randn(600, 8, generator=gen) * torch.linspace(scale, 0.1, 8)
-        coords, explained = tracking.pca_coordinates(means)
+        coords, explained = trial_figures.pca_coordinates(means)
         figures.scatter(coords.numpy(), labels.numpy(), explained, tmp_path / f"{name}.png")
     blitted, _, (xlabel, _) = figures.projection
     assert xlabel.get_text() == f"PC 1 ({explained[0]:.0%} of the variance)"
@@ -60,7 +60,7 @@ def test_pca_coordinates_are_in_sd_of_pc1_with_the_variance_explained(dims):
     gen = torch.Generator().manual_seed(1)
     sds = torch.tensor([3.0, 1.0, 0.5][:dims])
     means = 7 + torch.randn(20000, dims, generator=gen) * sds
-    coords, explained = tracking.pca_coordinates(means)
+    coords, explained = trial_figures.pca_coordinates(means)
     assert coords.shape == (20000, 2)
     assert coords[:, 0].std().item() == pytest.approx(1.0, rel=1e-4)
     assert coords.mean(0).abs().max().item() < 1e-4  # centred
