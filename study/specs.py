@@ -32,6 +32,10 @@ A sampler or pruner with options is a table: `sampler = { type = "nsga2", popula
 `pruner = { type = "median", n_startup_trials = 1 }`.
 `extends = "other_spec"` starts from another spec's table (entries override it). Optional
 integer fields (`train_subset`, `test_subset`, `test_iw_images`) take the string "all" for None.
+
+The format is declared as pydantic models (`SpecFile`, `Profile`, `Range`, and `ConfigFields`
+/ `SpaceFields` built from Config's field types); by hand are only the extends chain, the
+profile merge and the checks that relate several entries.
 """
 
 from __future__ import annotations
@@ -40,11 +44,25 @@ import copy
 import inspect
 import itertools
 import json
-import math
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from study.config import Config
 from study.errors import UsageError
@@ -63,9 +81,6 @@ OBJECTIVE_METRICS = tuple(
     [f"val/{k}" for k in ("nelbo", "recon", "kl", "sse", "mse", "active_units")]
     + [f"train/{k}" for k in ("loss", "nelbo", "recon", "kl")]
 )
-TOP_KEYS = ("description", "suite", "extends", "sampler", "pruner", "objectives", "trials",
-            "datasets", "seeds", "fixed", "space", "variants", "profiles")
-PROFILE_KEYS = tuple(k for k in TOP_KEYS if k not in ("description", "suite", "extends", "profiles"))
 MERGED_TABLES = ("fixed", "space", "variants")  # merged entry by entry; other keys replace
 RUNNER_FIELDS = ("device", "threads", "data_root", "extra")  # set by the runner, not by specs
 VARIANT = "variant"
@@ -204,6 +219,244 @@ def study_name(spec_name: str, profile: str) -> str:
     return f"{spec_name}-{profile}"
 
 
+# --------------------------------------------------------------------------- the schema
+# Strict, so `true` is not an integer and "3" is not a number; closed (extra="forbid"), so a
+# misspelt key is an error, not a setting silently left at its default.
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _all_is_none(value):
+    """TOML has no null: an optional integer field spells None "all"."""
+    if value == ALL:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise PydanticCustomError("int_or_all", f'must be an integer or "{ALL}"')
+
+
+def _spec_type(hint):
+    """A Config field's type as a spec writes it: TOML has no tuples and no null."""
+    if typing.get_origin(hint) is tuple:
+        as_tuple = BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+        return Annotated[hint, as_tuple, Field(min_length=1)]
+    if type(None) in typing.get_args(hint):
+        return Annotated[hint, BeforeValidator(_all_is_none)]
+    return hint
+
+N = TypeVar("N", int, float)
+
+
+class Range(_Table, Generic[N]):
+    """A searched number, uniform (log-uniform with `log`) in [low, high], on `step`s if given."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+    low: N
+    high: N
+    log: bool = False
+    step: Annotated[N, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _optuna_can_sample_it(self):
+        if not self.low < self.high:
+            raise ValueError(f"range is empty: low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"is log-uniform, so low must be > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("cannot have both log = true and a step (Optuna)")
+        return self
+
+
+def _not_a_range(value):
+    raise PydanticCustomError("not_a_range", "takes a list of values, not a range (ranges are "
+                              "for integer and float fields)")
+
+
+def _space_type(hint):
+    """A [space] entry: a non-empty list of values, or a range of an int or float field."""
+    values = Annotated[list[_spec_type(hint)], Field(min_length=1), Tag("<list>")]
+    ranges = Range[hint] if hint in (int, float) else Annotated[Any, AfterValidator(_not_a_range)]
+    kind = Discriminator(
+        lambda v: "<list>" if isinstance(v, list) else "<range>" if isinstance(v, dict) else None,
+        custom_error_type="list_or_range", custom_error_message="must be a list of values or a "
+        "range table { low = .., high = .., log = true }")
+    return Annotated[values | Annotated[ranges, Tag("<range>")], kind]
+
+_HINTS = typing.get_type_hints(Config)  # real types, where the annotations are strings
+SETTABLE = tuple(name for name in Config.field_names() if name not in RUNNER_FIELDS)
+# Every field optional: a table sets some, and `model_fields_set` says which.
+ConfigFields = create_model("ConfigFields", __base__=_Table,
+                            **{name: (_spec_type(_HINTS[name]), None) for name in SETTABLE})
+SpaceFields = create_model("SpaceFields", __base__=_Table,
+                           **{name: (_space_type(_HINTS[name]), None) for name in SETTABLE})
+
+
+class _Sampler(_Table):
+    """`sampler = { type = "tpe", ... }`: the other keys are options of Optuna's constructor."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal[SAMPLERS]
+
+    @model_validator(mode="after")
+    def _the_constructor_accepts_the_options(self):
+        import optuna  # slow to import, and only a table with options needs it
+
+        options = self.model_extra
+        cls = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
+               "nsga2": optuna.samplers.NSGAIISampler, "median": optuna.pruners.MedianPruner,
+               "hyperband": optuna.pruners.HyperbandPruner}.get(self.type)
+        if not options:
+            return self
+        if cls is None:
+            raise ValueError(f"takes no options for {self.type}, got {', '.join(options)}")
+        known = [p for p in inspect.signature(cls).parameters if p != "seed"]
+        if unknown := [k for k in options if k not in known]:
+            raise ValueError(f"has unknown option(s) {', '.join(unknown)} for {self.type} "
+                             f"(known: {', '.join(known)})")
+        if bad := [k for k, v in options.items() if isinstance(v, (dict, list))]:
+            raise ValueError(f"options must be plain values: {', '.join(bad)}")
+        try:
+            cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"options rejected by {cls.__name__}: {exc}") from None
+        return self
+
+
+class _Pruner(_Sampler):
+    type: Literal[PRUNERS]
+
+
+def _choice(names: tuple[str, ...], table: type[_Sampler]):
+    """A sampler or pruner: a name, or a table with `type` and options."""
+    name = Annotated[Literal[names], Tag("<name>")]
+    kind = Discriminator(lambda v: "<table>" if isinstance(v, dict) else "<name>")
+    return Annotated[name | Annotated[table, Tag("<table>")], kind]
+
+SamplerChoice, PrunerChoice = _choice(SAMPLERS, _Sampler), _choice(PRUNERS, _Pruner)
+Seed = Annotated[int, Field(ge=0)]
+
+
+class Profile(_Table):
+    """What a [profiles.<name>] table may set (and the top level of a spec)."""
+
+    sampler: SamplerChoice = "grid"
+    pruner: PrunerChoice = "none"
+    objectives: Annotated[dict[Literal[OBJECTIVE_METRICS], Literal[DIRECTIONS]],
+                          Field(min_length=1)] = {"val/nelbo": "minimize"}
+    trials: Annotated[int, Field(ge=1)] | None = None
+    datasets: Annotated[list[str], Field(min_length=1)] | None = None
+    seeds: Annotated[list[Seed], Field(min_length=1)] | None = None
+    fixed: ConfigFields = ConfigFields()
+    space: SpaceFields = SpaceFields()
+    variants: dict[str, ConfigFields] = {}
+
+
+class SpecFile(Profile):
+    """A spec file's top level."""
+
+    description: str = ""
+    suite: bool = False
+    extends: str | None = None  # followed before validation, by _resolve_extends
+    profiles: dict[Literal[PROFILES], Profile] = {}
+
+TOP_KEYS, PROFILE_KEYS = tuple(SpecFile.model_fields), tuple(Profile.model_fields)
+
+
+def _set_fields(table: BaseModel) -> dict[str, Any]:
+    """The fields a table set (validated), without the defaults of the others."""
+    return {name: getattr(table, name) for name in table.model_fields_set}
+
+
+# --------------------------------------------------------------------------- schema errors
+# pydantic's errors as phrases located by their path in the file, such as
+# `fixed.latent_dim must be an integer, got 'x' (str)`.
+
+_TAGS = ("<list>", "<range>", "<name>", "<table>")  # union members in pydantic's locations
+_MUST = {
+    "int_type": "must be an integer", "float_type": "must be a number",
+    "bool_type": "must be true or false", "string_type": "must be a string",
+    "list_type": "must be a list", "tuple_type": "must be a list", "dict_type": "must be a table",
+    "model_type": "must be a table", "finite_number": "must be a finite number",
+    "greater_than": "must be > {gt:g}", "greater_than_equal": "must be >= {ge:g}",
+    "too_short": "must have at least {min_length} items",
+    "too_long": "must have at most {max_length} items",
+}
+
+
+def _path(error: dict) -> list:
+    return [part for part in error["loc"] if part not in _TAGS]
+
+
+def _where(path: list) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def _known(table: list) -> tuple[str, ...]:
+    """The keys of the table at `table`, for an unknown key's message."""
+    if table[:1] == ["profiles"]:
+        return PROFILES if len(table) == 1 else _known(table[2:]) if len(table) > 2 \
+            else PROFILE_KEYS
+    if table[:1] == ["space"] and len(table) == 2:
+        return tuple(Range.model_fields)
+    return OBJECTIVE_METRICS if table == ["objectives"] else SETTABLE if table else TOP_KEYS
+
+
+def _problem(error: dict) -> str:
+    """One pydantic error as one phrase."""
+    path, kind, value = _path(error), error["type"], error["input"]
+    if path[-1:] == ["[key]"]:  # a key outside its Literal: a profile, a metric
+        path, kind = path[:-1], "extra_forbidden"
+    where = _where(path)
+    if kind == "extra_forbidden":
+        table, known = path[:-1], _known(path[:-1])
+        if path[-1] in RUNNER_FIELDS and known == SETTABLE:
+            return f"{where} is set by the runner (--device, --jobs, data/), not by a spec; remove it"
+        return (f"unknown key {path[-1]!r} in {f'[{_where(table)}]' if table else 'the spec'} "
+                f"(known: {', '.join(known)})")
+    if kind == "literal_error":  # worded as Config.validate() words it
+        options = error["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+        return f"{where} = {value!r} is not one of {options}"
+    if kind == "too_short" and not value:
+        what = "table; give at least one entry" if value == {} else "list; give at least one value"
+        return f"{where} is an empty {what}"
+    if kind == "missing":
+        return f"{where} is missing"
+    if kind == "value_error":  # a validator of this module: the message names the values
+        return f"{where} {error['msg'].removeprefix('Value error, ')}"
+    must = _MUST[kind].format(**error.get("ctx", {})) if kind in _MUST else error["msg"]
+    return f"{where} {must}, got {value!r} ({type(value).__name__})"
+
+
+def _validated(model: type[BaseModel], table: dict) -> tuple[BaseModel | None, list[dict]]:
+    """`table` validated by `model`, leaving out the entries that fail: (instance, errors).
+
+    Leaving out a bad entry rather than the whole table lets the checks after the schema run on
+    the rest, so that every problem of a file is reported together. The errors are the first
+    pass's: later ones only see what leaving entries out did (an emptied table, say)."""
+    table, first = copy.deepcopy(table), None
+    while True:
+        try:
+            return model.model_validate(table), first or []
+        except ValidationError as exc:
+            first = exc.errors() if first is None else first
+            if not [_drop(table, _path(error)) for error in exc.errors()].count(True):
+                return None, first
+
+
+def _drop(table: dict, path: list) -> bool:
+    """Remove the entry a failed value belongs to: a field, a dimension, a variant's field."""
+    path = path[:{"fixed": 2, "space": 2, "objectives": 2, "profiles": 2, "variants": 3}
+                 .get(path[0], 1)]
+    for key in path[:-1]:
+        table = table.get(key) if isinstance(table, dict) else None
+    if isinstance(table, dict) and path[-1] in table:
+        del table[path[-1]]
+        return True
+    return False
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -290,11 +543,13 @@ def load_spec(name_or_path: str | Path, profile: str = "default") -> Spec:
                          f"(--profile / PROFILE=)")
     path = spec_path(name_or_path)
     table = _resolve_extends(path)
-    problems: list[str] = []
+    # The schema's problems are located in the file as written (profiles.smoke.fixed.epochs);
+    # a merged profile holds only values checked there, so its own errors would repeat them.
+    problems = [_problem(error) for error in _validated(SpecFile, table)[1]]
     spec = None
     seen: set[str] = set()
     for name in (profile, *[p for p in PROFILES if p != profile]):
-        built, found = _build(table, path.stem, name, path)
+        built, found = _build(table, path, name)
         prefix = "" if name == profile else f"[profile {name}] "
         problems += [prefix + p for p in found if p not in seen]
         seen.update(found)
@@ -309,344 +564,116 @@ def load_spec(name_or_path: str | Path, profile: str = "default") -> Spec:
     return spec
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- what types cannot say
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str]]:
+    """The Spec of one profile, or None and the problems of the entries taken together."""
+    merged = {k: v for k, v in table.items() if k != "profiles"}
+    profiles = table.get("profiles")
+    override = profiles.get(profile) if isinstance(profiles, dict) else None
+    if isinstance(override, dict):
+        merged = _merge(merged, {k: v for k, v in override.items() if k in PROFILE_KEYS})
+    data, errors = _validated(SpecFile, merged)
+    if data is None:
+        return None, []
+    failed = {_path(error)[0] for error in errors}  # left out: checks on them would mislead
+    fixed, space, problems = _sugar(data, _set_fields(data.fixed), _set_fields(data.space))
+    base = Config(**fixed)
+    base_problems = base.validate()
+    problems += [f"fixed: {p}" for p in base_problems]
+    dimensions, variants = [], {}
+    for name, value in space.items():
+        dimension, found = _dimension(name, value, fixed, base, base_problems)
+        dimensions += [dimension] if dimension else []
+        problems += found
+    for name, bundle in data.variants.items():
+        fields = _set_fields(bundle)
+        problems += [f"variants.{name} sets {k}, which is also searched; keep one"
+                     for k in fields if k in space]
+        fields = {k: v for k, v in fields.items() if k not in space}
+        problems += _field_problems(base, fields, f"variants.{name}", base_problems)
+        variants[name] = fields
+    if "variants" in data.model_fields_set and not variants and "variants" not in failed:
+        problems.append("[variants] is empty; add a variant or remove the table")
+    if variants:
+        dimensions.append(Dimension(VARIANT, choices=tuple(variants)))
+    problems += _search_problems(data, failed, dimensions)
+    if problems or errors:
+        return None, problems
+    (sampler, sampler_options), (pruner, pruner_options) = _kind(data.sampler), _kind(data.pruner)
+    return Spec(
+        name=path.stem, profile=profile, path=path, description=data.description,
+        suite=data.suite, base=base, dimensions=tuple(dimensions), variants=variants,
+        sampler=sampler, sampler_options=sampler_options,
+        pruner=pruner, pruner_options=pruner_options,
+        objectives=tuple(data.objectives.items()), trials=data.trials or 1, table=merged,
+    ), []
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _sugar(data: SpecFile, fixed: dict, space: dict) -> tuple[dict, dict, list[str]]:
+    """`datasets` / `seeds` as a fixed field (one value) or a first dimension (several)."""
+    problems = []
+    for sugar, name in (("datasets", "dataset"), ("seeds", "seed")):
+        values = getattr(data, sugar)
+        if values is None:
+            continue
+        if name in space or name in fixed:
+            problems.append(f"{sugar} and {name} in [fixed]/[space] both set {name}; keep one")
+        elif len(values) == 1:
+            fixed[name] = values[0]
+        else:
+            space = {name: values, **space}
+    return fixed, space, problems
 
 
-def _coerce(name: str, type_name: str, value):
-    """A TOML value as the Config field `name` of type `type_name`; (value, problem)."""
-    bad = f"{name} must be {{}}, got {value!r} ({type(value).__name__})"
-    if type_name == "str":
-        return (value, None) if isinstance(value, str) else (None, bad.format("a string"))
-    if type_name == "int":
-        return (value, None) if _is_int(value) else (None, bad.format("an integer"))
-    if type_name == "float":
-        return (float(value), None) if _is_number(value) else (None, bad.format("a number"))
-    if type_name == "bool":
-        return (value, None) if isinstance(value, bool) else (None, bad.format("true or false"))
-    if type_name == "int | None":
-        if value == ALL:
-            return None, None
-        return (value, None) if _is_int(value) else (None, bad.format(f'an integer or "{ALL}"'))
-    if type_name == "tuple[int, ...]":
-        if isinstance(value, list) and value and all(_is_int(v) for v in value):
-            return tuple(value), None
-        return None, bad.format("a non-empty list of integers")
-    if type_name == "tuple[float, float]":
-        if isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value):
-            return tuple(float(v) for v in value), None
-        return None, bad.format("a list of two numbers")
-    return None, f"{name} cannot be set from a spec"
-
-
-def _unknown(keys, known, where: str) -> list[str]:
-    return [f"unknown key {k!r} in {where} (known: {', '.join(known)})"
-            for k in keys if k not in known]
-
-
-def _typed_option(table, key: str, options: tuple[str, ...], problems: list[str]):
-    """`sampler` / `pruner`: a name, or a table with `type` and constructor options."""
-    value = table.get(key, options[0] if key == "pruner" else "grid")
-    if isinstance(value, str):
-        kind, extra = value, {}
-    elif isinstance(value, dict):
-        extra = dict(value)
-        kind = extra.pop("type", None)
+def _dimension(name: str, value, fixed: dict, base: Config, base_problems: list[str]):
+    """A [space] entry as (Dimension or None, problems), its values checked by Config.validate()."""
+    if name in fixed:
+        return None, [f"{name} is both fixed and searched; keep one"]
+    if isinstance(value, Range):
+        dimension = Dimension(name, low=value.low, high=value.high, log=value.log,
+                              step=value.step, integer=_HINTS[name] is int)
+        value = [value.low, value.high]
+    elif len(set(map(repr, value))) == len(value):
+        dimension = Dimension(name, choices=tuple(value))
     else:
-        problems.append(f"{key} must be a name or a table with `type`, got {value!r}")
-        return None, {}
-    if kind not in options:
-        problems.append(f"{key} = {kind!r} is not one of {', '.join(options)}")
-        return None, {}
-    return kind, extra
+        return None, [f"space.{name} lists a value twice: {value!r}"]
+    where = f"space.{name}"
+    return dimension, [p for v in value for p in _field_problems(base, {name: v}, where,
+                                                                 base_problems)]
 
 
 def _field_problems(base: Config, changes: dict, where: str, base_problems: list[str]):
     """Config.validate() problems that `changes` adds to `base`, located at `where`."""
-    try:
-        config = base.replace(**changes)
-    except TypeError as exc:  # pragma: no cover - keys are checked before
-        return [f"{where}: {exc}"]
-    return [f"{where}: {p}" for p in config.validate() if p not in base_problems]
+    return [f"{where}: {p}" for p in base.replace(**changes).validate() if p not in base_problems]
 
 
-def _build(table: dict, name: str, profile: str, path: Path) -> tuple[Spec | None, list[str]]:
-    """Merge `profile` into `table` and validate it into a Spec; (spec or None, problems)."""
-    problems: list[str] = []
-    problems += _unknown(table, TOP_KEYS, "the spec")
-    profiles = table.get("profiles", {})
-    if not isinstance(profiles, dict):
-        problems.append("profiles must be a table of [profiles.<name>] tables")
-        profiles = {}
-    problems += _unknown(profiles, PROFILES, "[profiles]")
-    for pname, ptable in profiles.items():
-        if not isinstance(ptable, dict):
-            problems.append(f"profiles.{pname} must be a table")
-        elif pname in PROFILES:
-            problems += _unknown(ptable, PROFILE_KEYS, f"[profiles.{pname}]")
-    merged = {k: v for k, v in table.items() if k != "profiles"}
-    override = profiles.get(profile, {})
-    if isinstance(override, dict):
-        merged = _merge(merged, {k: v for k, v in override.items() if k in PROFILE_KEYS})
+def _kind(choice) -> tuple[str, dict]:
+    """A validated sampler or pruner as (name, constructor options)."""
+    return (choice, {}) if isinstance(choice, str) else (choice.type, dict(choice.model_extra))
 
-    description = merged.get("description", "")
-    if not isinstance(description, str):
-        problems.append("description must be a string")
-    suite = merged.get("suite", False)
-    if not isinstance(suite, bool):
-        problems.append(f"suite must be true or false, got {suite!r}")
 
-    types = Config.field_types()
-    settable = [f for f in types if f not in RUNNER_FIELDS]
-
-    def tables(key):
-        value = merged.get(key, {})
-        if not isinstance(value, dict):
-            problems.append(f"[{key}] must be a table, got {value!r}")
-            return {}
-        return value
-
-    # fixed fields
-    fixed: dict[str, Any] = {}
-    for key, value in tables("fixed").items():
-        if key in RUNNER_FIELDS:
-            problems.append(f"fixed.{key} is set by the runner (--device, --jobs, data/), "
-                            f"not by a spec; remove it")
-        elif key not in types:
-            problems += _unknown([key], settable, "[fixed]")
-        else:
-            coerced, problem = _coerce(key, types[key], value)
-            if problem:
-                problems.append(f"fixed.{problem}")
-            else:
-                fixed[key] = coerced
-
-    # sugar: datasets / seeds
-    raw_space = dict(tables("space"))
-    for sugar, fname in (("datasets", "dataset"), ("seeds", "seed")):
-        if sugar not in merged:
-            continue
-        value = merged[sugar]
-        if not isinstance(value, list) or not value:
-            problems.append(f"{sugar} must be a non-empty list, got {value!r}")
-            continue
-        if fname in raw_space or fname in fixed:
-            problems.append(f"{sugar} and {fname} in [fixed]/[space] both set {fname}; keep one")
-            continue
-        if fname == "seed" and not all(_is_int(v) and v >= 0 for v in value):
-            problems.append(f"seeds must be integers >= 0, got {value!r}")
-            continue
-        if len(value) == 1:
-            fixed[fname] = value[0]
-        else:
-            raw_space = {fname: value, **raw_space}
-
-    base_problems: list[str] = []
-    base = None
-    try:
-        base = Config(**fixed)
-    except TypeError as exc:  # pragma: no cover - keys are checked above
-        problems.append(str(exc))
-    if base is not None:
-        problems += [f"fixed: {p}" for p in base.validate()]
-        base_problems = base.validate()
-
-    # searched dimensions
-    dimensions: list[Dimension] = []
-    for key, value in raw_space.items():
-        if key in RUNNER_FIELDS:
-            problems.append(f"space.{key} is set by the runner, not by a spec; remove it")
-            continue
-        if key not in types:
-            problems += _unknown([key], settable, "[space]")
-            continue
-        if key in fixed:
-            problems.append(f"{key} is both fixed and searched; keep one")
-            continue
-        dim = _dimension(key, types[key], value, problems)
-        if dim is None:
-            continue
-        if base is not None:
-            values = dim.choices if dim.is_grid else (dim.low, dim.high)
-            for v in values:
-                if dim.integer and not dim.is_grid:
-                    v = int(v)
-                problems += _field_problems(base, {key: v}, f"space.{key}", base_problems)
-        dimensions.append(dim)
-
-    # variants: named bundles of fields, one categorical `variant` dimension
-    variants: dict[str, dict] = {}
-    for vname, bundle in tables("variants").items():
-        if not isinstance(bundle, dict):
-            problems.append(f"variants.{vname} must be a table of Config fields, got {bundle!r}")
-            continue
-        fields: dict[str, Any] = {}
-        for key, value in bundle.items():
-            if key not in types or key in RUNNER_FIELDS:
-                problems += _unknown([key], settable, f"[variants.{vname}]")
-            elif key in raw_space:
-                problems.append(f"variants.{vname} sets {key}, which is also searched; keep one")
-            else:
-                coerced, problem = _coerce(key, types[key], value)
-                if problem:
-                    problems.append(f"variants.{vname}.{problem}")
-                else:
-                    fields[key] = coerced
-        if base is not None:
-            problems += _field_problems(base, fields, f"variants.{vname}", base_problems)
-        variants[vname] = fields
-    if "variants" in merged and not variants and isinstance(merged["variants"], dict):
-        problems.append("[variants] is empty; add a variant or remove the table")
-    if variants:
-        dimensions.append(Dimension(VARIANT, choices=tuple(variants)))
-
-    sampler, sampler_options = _typed_option(merged, "sampler", SAMPLERS, problems)
-    pruner, pruner_options = _typed_option(merged, "pruner", PRUNERS, problems)
-
-    objectives = merged.get("objectives", {"val/nelbo": "minimize"})
-    if not isinstance(objectives, dict) or not objectives:
-        problems.append('objectives must be a non-empty table like { "val/nelbo" = "minimize" }')
-        objectives = {}
-    for metric, direction in objectives.items():
-        if metric not in OBJECTIVE_METRICS:
-            problems.append(f"objective {metric!r} is not one of {', '.join(OBJECTIVE_METRICS)}")
-        if direction not in DIRECTIONS:
-            problems.append(f"objective {metric!r} direction {direction!r} is not one of "
-                            f"{', '.join(DIRECTIONS)}")
-
-    trials = merged.get("trials")
+def _search_problems(data: SpecFile, failed: set[str], dimensions) -> list[str]:
+    """What the sampler and the pruner need of the trials, the space and the objectives."""
+    sampler = None if "sampler" in failed else _kind(data.sampler)[0]
+    problems = []
     if sampler == "grid":
-        if trials is not None:
+        if data.trials is not None:
             problems.append("trials is not used by a grid (every point runs once); "
                             "shrink the space in the profile instead")
-        if any(not d.is_grid for d in dimensions):
-            ranged = [d.name for d in dimensions if not d.is_grid]
+        if ranged := [d.name for d in dimensions if not d.is_grid]:
             problems.append(f"the grid sampler needs lists, not ranges, for {', '.join(ranged)}")
     elif sampler is not None:
-        if not _is_int(trials) or trials < 1:
-            problems.append(f"trials must be an integer >= 1 for the {sampler} sampler, "
-                            f"got {trials!r}")
-        if not dimensions:
+        if data.trials is None and "trials" not in failed:
+            problems.append(f"trials must be an integer >= 1 for the {sampler} sampler "
+                            f"(trials to finish); add trials = N")
+        if not dimensions and "space" not in failed:
             problems.append(f"the search space is empty: the {sampler} sampler needs at least "
                             f"one [space] dimension")
-    if pruner not in (None, "none") and len(objectives) > 1:
+    if "pruner" not in failed and _kind(data.pruner)[0] != "none" and len(data.objectives) > 1:
         problems.append("a pruner needs a single objective (Optuna cannot prune "
                         "multi-objective studies); set pruner = \"none\"")
-    problems += _check_options(sampler, sampler_options, pruner, pruner_options)
-
-    if problems or base is None:
-        return None, problems
-    spec = Spec(
-        name=name, profile=profile, path=path, description=description, suite=suite,
-        base=base, dimensions=tuple(dimensions), variants=variants,
-        sampler=sampler, sampler_options=sampler_options,
-        pruner=pruner, pruner_options=pruner_options,
-        objectives=tuple(objectives.items()), trials=trials if _is_int(trials) else 1,
-        table=merged,
-    )
-    return spec, []
-
-
-def _dimension(key: str, type_name: str, value, problems: list[str]) -> Dimension | None:
-    """A [space] entry as a Dimension; appends problems and returns None when invalid."""
-    if isinstance(value, list):
-        if not value:
-            problems.append(f"space.{key} is an empty list; give at least one value")
-            return None
-        choices, ok = [], True
-        for v in value:
-            coerced, problem = _coerce(key, type_name, v)
-            if problem:
-                problems.append(f"space.{problem}")
-                ok = False
-            else:
-                choices.append(coerced)
-        if ok and len(set(map(repr, choices))) != len(choices):
-            problems.append(f"space.{key} lists a value twice: {value!r}")
-            ok = False
-        return Dimension(key, choices=tuple(choices)) if ok else None
-    if isinstance(value, dict):
-        unknown = _unknown(value, ("low", "high", "log", "step"), f"space.{key}")
-        if unknown:
-            problems += unknown
-            return None
-        if type_name not in ("int", "float"):
-            problems.append(f"space.{key} is a {type_name} field: give a list of values, "
-                            f"not a range")
-            return None
-        low, high = value.get("low"), value.get("high")
-        log, step = value.get("log", False), value.get("step")
-        integer = type_name == "int"
-        number = _is_int if integer else _is_number
-        ok = True
-        for bound_name, bound in (("low", low), ("high", high)):
-            if not number(bound):
-                kind = "an integer" if integer else "a number"
-                problems.append(f"space.{key}.{bound_name} must be {kind}, got {bound!r}")
-                ok = False
-        if not isinstance(log, bool):
-            problems.append(f"space.{key}.log must be true or false, got {log!r}")
-            ok = False
-        if step is not None and (not number(step) or step <= 0):
-            problems.append(f"space.{key}.step must be a positive number, got {step!r}")
-            ok = False
-        if not ok:
-            return None
-        if not low < high:
-            problems.append(f"space.{key} range is empty: low {low} must be below high {high}")
-            return None
-        if log and low <= 0:
-            problems.append(f"space.{key} is log-uniform, so low must be > 0, got {low}")
-            return None
-        if log and step is not None:
-            problems.append(f"space.{key}: a log range cannot have a step (Optuna)")
-            return None
-        if not all(math.isfinite(v) for v in (low, high)):
-            problems.append(f"space.{key} bounds must be finite")
-            return None
-        return Dimension(key, low=low, high=high, log=log, step=step, integer=integer)
-    problems.append(f"space.{key} must be a list of values or a range table "
-                    f"{{ low = .., high = .., log = true }}, got {value!r}")
-    return None
-
-
-def _check_options(sampler, sampler_options, pruner, pruner_options) -> list[str]:
-    """Sampler / pruner options must be constructor arguments that the constructor accepts."""
-    import optuna
-
-    problems = []
-    classes = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
-               "nsga2": optuna.samplers.NSGAIISampler, "median": optuna.pruners.MedianPruner,
-               "hyperband": optuna.pruners.HyperbandPruner}
-    for kind, options, what in ((sampler, sampler_options, "sampler"),
-                                (pruner, pruner_options, "pruner")):
-        if kind is None or not options:
-            continue
-        if kind not in classes:
-            problems.append(f"the {kind} {what} takes no options, got {', '.join(options)}")
-            continue
-        cls = classes[kind]
-        known = [p for p in inspect.signature(cls).parameters if p != "seed"]
-        unknown = [k for k in options if k not in known]
-        if unknown:
-            problems.append(f"unknown {what} option(s) {', '.join(unknown)} for {kind} "
-                            f"(known: {', '.join(known)})")
-            continue
-        bad = [k for k, v in options.items() if isinstance(v, (dict, list))]
-        if bad:
-            problems.append(f"{what} options must be plain values: {', '.join(bad)}")
-            continue
-        try:
-            cls(**options)
-        except (TypeError, ValueError) as exc:
-            problems.append(f"{what} options rejected by {cls.__name__}: {exc}")
     return problems
 
 
