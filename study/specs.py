@@ -32,15 +32,16 @@ A sampler or pruner with options is a table: `sampler = { type = "nsga2", popula
 `pruner = { type = "median", n_startup_trials = 1 }`.
 `extends = "other_spec"` starts from another spec's table (entries override it). Optional
 integer fields (`train_subset`, `test_subset`, `test_iw_images`) take the string "all" for None.
+
+Types, keys and ranges are declared in `study.spec_schema` (pydantic); here are the extends
+chain, the profile merge and the checks that relate several entries.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,28 +49,30 @@ from typing import Any
 
 from study.config import Config
 from study.errors import UsageError
+from study.spec_schema import (
+    ALL,
+    OBJECTIVE_METRICS,
+    PROFILE_KEYS,
+    PROFILES,
+    Range,
+    SpecFile,
+    failed_keys,
+    problem,
+    set_fields,
+    validated,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+__all__ = ["ALL", "OBJECTIVE_METRICS", "PROFILES", "VARIANT", "Dimension", "Spec", "describe",
+           "load_spec", "spec_names", "spec_path", "study_name", "suite_names"]  # the runner's API
+
 SPEC_DIR = Path(__file__).with_name("specs")
-PROFILES = ("smoke", "default", "full")
-SAMPLERS = ("grid", "random", "tpe", "nsga2")
-PRUNERS = ("none", "median", "hyperband")
-DIRECTIONS = ("minimize", "maximize")
-OBJECTIVE_METRICS = tuple(
-    [f"val/{k}" for k in ("nelbo", "recon", "kl", "sse", "mse", "active_units")]
-    + [f"train/{k}" for k in ("loss", "nelbo", "recon", "kl")]
-)
-TOP_KEYS = ("description", "suite", "extends", "sampler", "pruner", "objectives", "trials",
-            "datasets", "seeds", "fixed", "space", "variants", "profiles")
-PROFILE_KEYS = tuple(k for k in TOP_KEYS if k not in ("description", "suite", "extends", "profiles"))
 MERGED_TABLES = ("fixed", "space", "variants")  # merged entry by entry; other keys replace
-RUNNER_FIELDS = ("device", "threads", "data_root", "extra")  # set by the runner, not by specs
 VARIANT = "variant"
-ALL = "all"  # spelling of None for the optional integer fields (TOML has no null)
 
 
 # --------------------------------------------------------------------------- dimensions
@@ -290,11 +293,13 @@ def load_spec(name_or_path: str | Path, profile: str = "default") -> Spec:
                          f"(--profile / PROFILE=)")
     path = spec_path(name_or_path)
     table = _resolve_extends(path)
-    problems: list[str] = []
+    # The schema's problems are located in the file as written (profiles.smoke.fixed.epochs);
+    # a merged profile holds only values checked there, so its own errors would repeat them.
+    problems = [problem(error) for error in validated(SpecFile, table)[1]]
     spec = None
     seen: set[str] = set()
     for name in (profile, *[p for p in PROFILES if p != profile]):
-        built, found = _build(table, path.stem, name, path)
+        built, found = _build(table, path, name)
         prefix = "" if name == profile else f"[profile {name}] "
         problems += [prefix + p for p in found if p not in seen]
         seen.update(found)
@@ -309,344 +314,116 @@ def load_spec(name_or_path: str | Path, profile: str = "default") -> Spec:
     return spec
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- what types cannot say
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str]]:
+    """The Spec of one profile, or None and the problems of the entries taken together."""
+    merged = {k: v for k, v in table.items() if k != "profiles"}
+    profiles = table.get("profiles")
+    override = profiles.get(profile) if isinstance(profiles, dict) else None
+    if isinstance(override, dict):
+        merged = _merge(merged, {k: v for k, v in override.items() if k in PROFILE_KEYS})
+    data, errors = validated(SpecFile, merged)
+    if data is None:
+        return None, []
+    failed = failed_keys(errors)  # left out: checks on them would mislead
+    fixed, space, problems = _sugar(data, set_fields(data.fixed), set_fields(data.space))
+    base = Config(**fixed)
+    base_problems = base.validate()
+    problems += [f"fixed: {p}" for p in base_problems]
+    dimensions, variants = [], {}
+    for name, value in space.items():
+        dimension, found = _dimension(name, value, fixed, base, base_problems)
+        dimensions += [dimension] if dimension else []
+        problems += found
+    for name, bundle in data.variants.items():
+        fields = set_fields(bundle)
+        problems += [f"variants.{name} sets {k}, which is also searched; keep one"
+                     for k in fields if k in space]
+        fields = {k: v for k, v in fields.items() if k not in space}
+        problems += _field_problems(base, fields, f"variants.{name}", base_problems)
+        variants[name] = fields
+    if "variants" in data.model_fields_set and not variants and "variants" not in failed:
+        problems.append("[variants] is empty; add a variant or remove the table")
+    if variants:
+        dimensions.append(Dimension(VARIANT, choices=tuple(variants)))
+    problems += _search_problems(data, failed, dimensions)
+    if problems or errors:
+        return None, problems
+    (sampler, sampler_options), (pruner, pruner_options) = _kind(data.sampler), _kind(data.pruner)
+    return Spec(
+        name=path.stem, profile=profile, path=path, description=data.description,
+        suite=data.suite, base=base, dimensions=tuple(dimensions), variants=variants,
+        sampler=sampler, sampler_options=sampler_options,
+        pruner=pruner, pruner_options=pruner_options,
+        objectives=tuple(data.objectives.items()), trials=data.trials or 1, table=merged,
+    ), []
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _sugar(data: SpecFile, fixed: dict, space: dict) -> tuple[dict, dict, list[str]]:
+    """`datasets` / `seeds` as a fixed field (one value) or a first dimension (several)."""
+    problems = []
+    for sugar, name in (("datasets", "dataset"), ("seeds", "seed")):
+        values = getattr(data, sugar)
+        if values is None:
+            continue
+        if name in space or name in fixed:
+            problems.append(f"{sugar} and {name} in [fixed]/[space] both set {name}; keep one")
+        elif len(values) == 1:
+            fixed[name] = values[0]
+        else:
+            space = {name: values, **space}
+    return fixed, space, problems
 
 
-def _coerce(name: str, type_name: str, value):
-    """A TOML value as the Config field `name` of type `type_name`; (value, problem)."""
-    bad = f"{name} must be {{}}, got {value!r} ({type(value).__name__})"
-    if type_name == "str":
-        return (value, None) if isinstance(value, str) else (None, bad.format("a string"))
-    if type_name == "int":
-        return (value, None) if _is_int(value) else (None, bad.format("an integer"))
-    if type_name == "float":
-        return (float(value), None) if _is_number(value) else (None, bad.format("a number"))
-    if type_name == "bool":
-        return (value, None) if isinstance(value, bool) else (None, bad.format("true or false"))
-    if type_name == "int | None":
-        if value == ALL:
-            return None, None
-        return (value, None) if _is_int(value) else (None, bad.format(f'an integer or "{ALL}"'))
-    if type_name == "tuple[int, ...]":
-        if isinstance(value, list) and value and all(_is_int(v) for v in value):
-            return tuple(value), None
-        return None, bad.format("a non-empty list of integers")
-    if type_name == "tuple[float, float]":
-        if isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value):
-            return tuple(float(v) for v in value), None
-        return None, bad.format("a list of two numbers")
-    return None, f"{name} cannot be set from a spec"
-
-
-def _unknown(keys, known, where: str) -> list[str]:
-    return [f"unknown key {k!r} in {where} (known: {', '.join(known)})"
-            for k in keys if k not in known]
-
-
-def _typed_option(table, key: str, options: tuple[str, ...], problems: list[str]):
-    """`sampler` / `pruner`: a name, or a table with `type` and constructor options."""
-    value = table.get(key, options[0] if key == "pruner" else "grid")
-    if isinstance(value, str):
-        kind, extra = value, {}
-    elif isinstance(value, dict):
-        extra = dict(value)
-        kind = extra.pop("type", None)
+def _dimension(name: str, value, fixed: dict, base: Config, base_problems: list[str]):
+    """A [space] entry as (Dimension or None, problems), its values checked by Config.validate()."""
+    if name in fixed:
+        return None, [f"{name} is both fixed and searched; keep one"]
+    if isinstance(value, Range):
+        dimension = Dimension(name, low=value.low, high=value.high, log=value.log,
+                              step=value.step, integer=isinstance(value, Range[int]))
+        value = [value.low, value.high]
+    elif len(set(map(repr, value))) == len(value):
+        dimension = Dimension(name, choices=tuple(value))
     else:
-        problems.append(f"{key} must be a name or a table with `type`, got {value!r}")
-        return None, {}
-    if kind not in options:
-        problems.append(f"{key} = {kind!r} is not one of {', '.join(options)}")
-        return None, {}
-    return kind, extra
+        return None, [f"space.{name} lists a value twice: {value!r}"]
+    where = f"space.{name}"
+    return dimension, [p for v in value for p in _field_problems(base, {name: v}, where,
+                                                                 base_problems)]
 
 
 def _field_problems(base: Config, changes: dict, where: str, base_problems: list[str]):
     """Config.validate() problems that `changes` adds to `base`, located at `where`."""
-    try:
-        config = base.replace(**changes)
-    except TypeError as exc:  # pragma: no cover - keys are checked before
-        return [f"{where}: {exc}"]
-    return [f"{where}: {p}" for p in config.validate() if p not in base_problems]
+    return [f"{where}: {p}" for p in base.replace(**changes).validate() if p not in base_problems]
 
 
-def _build(table: dict, name: str, profile: str, path: Path) -> tuple[Spec | None, list[str]]:
-    """Merge `profile` into `table` and validate it into a Spec; (spec or None, problems)."""
-    problems: list[str] = []
-    problems += _unknown(table, TOP_KEYS, "the spec")
-    profiles = table.get("profiles", {})
-    if not isinstance(profiles, dict):
-        problems.append("profiles must be a table of [profiles.<name>] tables")
-        profiles = {}
-    problems += _unknown(profiles, PROFILES, "[profiles]")
-    for pname, ptable in profiles.items():
-        if not isinstance(ptable, dict):
-            problems.append(f"profiles.{pname} must be a table")
-        elif pname in PROFILES:
-            problems += _unknown(ptable, PROFILE_KEYS, f"[profiles.{pname}]")
-    merged = {k: v for k, v in table.items() if k != "profiles"}
-    override = profiles.get(profile, {})
-    if isinstance(override, dict):
-        merged = _merge(merged, {k: v for k, v in override.items() if k in PROFILE_KEYS})
+def _kind(choice) -> tuple[str, dict]:
+    """A validated sampler or pruner as (name, constructor options)."""
+    return (choice, {}) if isinstance(choice, str) else (choice.type, dict(choice.model_extra))
 
-    description = merged.get("description", "")
-    if not isinstance(description, str):
-        problems.append("description must be a string")
-    suite = merged.get("suite", False)
-    if not isinstance(suite, bool):
-        problems.append(f"suite must be true or false, got {suite!r}")
 
-    types = Config.field_types()
-    settable = [f for f in types if f not in RUNNER_FIELDS]
-
-    def tables(key):
-        value = merged.get(key, {})
-        if not isinstance(value, dict):
-            problems.append(f"[{key}] must be a table, got {value!r}")
-            return {}
-        return value
-
-    # fixed fields
-    fixed: dict[str, Any] = {}
-    for key, value in tables("fixed").items():
-        if key in RUNNER_FIELDS:
-            problems.append(f"fixed.{key} is set by the runner (--device, --jobs, data/), "
-                            f"not by a spec; remove it")
-        elif key not in types:
-            problems += _unknown([key], settable, "[fixed]")
-        else:
-            coerced, problem = _coerce(key, types[key], value)
-            if problem:
-                problems.append(f"fixed.{problem}")
-            else:
-                fixed[key] = coerced
-
-    # sugar: datasets / seeds
-    raw_space = dict(tables("space"))
-    for sugar, fname in (("datasets", "dataset"), ("seeds", "seed")):
-        if sugar not in merged:
-            continue
-        value = merged[sugar]
-        if not isinstance(value, list) or not value:
-            problems.append(f"{sugar} must be a non-empty list, got {value!r}")
-            continue
-        if fname in raw_space or fname in fixed:
-            problems.append(f"{sugar} and {fname} in [fixed]/[space] both set {fname}; keep one")
-            continue
-        if fname == "seed" and not all(_is_int(v) and v >= 0 for v in value):
-            problems.append(f"seeds must be integers >= 0, got {value!r}")
-            continue
-        if len(value) == 1:
-            fixed[fname] = value[0]
-        else:
-            raw_space = {fname: value, **raw_space}
-
-    base_problems: list[str] = []
-    base = None
-    try:
-        base = Config(**fixed)
-    except TypeError as exc:  # pragma: no cover - keys are checked above
-        problems.append(str(exc))
-    if base is not None:
-        problems += [f"fixed: {p}" for p in base.validate()]
-        base_problems = base.validate()
-
-    # searched dimensions
-    dimensions: list[Dimension] = []
-    for key, value in raw_space.items():
-        if key in RUNNER_FIELDS:
-            problems.append(f"space.{key} is set by the runner, not by a spec; remove it")
-            continue
-        if key not in types:
-            problems += _unknown([key], settable, "[space]")
-            continue
-        if key in fixed:
-            problems.append(f"{key} is both fixed and searched; keep one")
-            continue
-        dim = _dimension(key, types[key], value, problems)
-        if dim is None:
-            continue
-        if base is not None:
-            values = dim.choices if dim.is_grid else (dim.low, dim.high)
-            for v in values:
-                if dim.integer and not dim.is_grid:
-                    v = int(v)
-                problems += _field_problems(base, {key: v}, f"space.{key}", base_problems)
-        dimensions.append(dim)
-
-    # variants: named bundles of fields, one categorical `variant` dimension
-    variants: dict[str, dict] = {}
-    for vname, bundle in tables("variants").items():
-        if not isinstance(bundle, dict):
-            problems.append(f"variants.{vname} must be a table of Config fields, got {bundle!r}")
-            continue
-        fields: dict[str, Any] = {}
-        for key, value in bundle.items():
-            if key not in types or key in RUNNER_FIELDS:
-                problems += _unknown([key], settable, f"[variants.{vname}]")
-            elif key in raw_space:
-                problems.append(f"variants.{vname} sets {key}, which is also searched; keep one")
-            else:
-                coerced, problem = _coerce(key, types[key], value)
-                if problem:
-                    problems.append(f"variants.{vname}.{problem}")
-                else:
-                    fields[key] = coerced
-        if base is not None:
-            problems += _field_problems(base, fields, f"variants.{vname}", base_problems)
-        variants[vname] = fields
-    if "variants" in merged and not variants and isinstance(merged["variants"], dict):
-        problems.append("[variants] is empty; add a variant or remove the table")
-    if variants:
-        dimensions.append(Dimension(VARIANT, choices=tuple(variants)))
-
-    sampler, sampler_options = _typed_option(merged, "sampler", SAMPLERS, problems)
-    pruner, pruner_options = _typed_option(merged, "pruner", PRUNERS, problems)
-
-    objectives = merged.get("objectives", {"val/nelbo": "minimize"})
-    if not isinstance(objectives, dict) or not objectives:
-        problems.append('objectives must be a non-empty table like { "val/nelbo" = "minimize" }')
-        objectives = {}
-    for metric, direction in objectives.items():
-        if metric not in OBJECTIVE_METRICS:
-            problems.append(f"objective {metric!r} is not one of {', '.join(OBJECTIVE_METRICS)}")
-        if direction not in DIRECTIONS:
-            problems.append(f"objective {metric!r} direction {direction!r} is not one of "
-                            f"{', '.join(DIRECTIONS)}")
-
-    trials = merged.get("trials")
+def _search_problems(data: SpecFile, failed: set[str], dimensions) -> list[str]:
+    """What the sampler and the pruner need of the trials, the space and the objectives."""
+    sampler = None if "sampler" in failed else _kind(data.sampler)[0]
+    problems = []
     if sampler == "grid":
-        if trials is not None:
+        if data.trials is not None:
             problems.append("trials is not used by a grid (every point runs once); "
                             "shrink the space in the profile instead")
-        if any(not d.is_grid for d in dimensions):
-            ranged = [d.name for d in dimensions if not d.is_grid]
+        if ranged := [d.name for d in dimensions if not d.is_grid]:
             problems.append(f"the grid sampler needs lists, not ranges, for {', '.join(ranged)}")
     elif sampler is not None:
-        if not _is_int(trials) or trials < 1:
-            problems.append(f"trials must be an integer >= 1 for the {sampler} sampler, "
-                            f"got {trials!r}")
-        if not dimensions:
+        if data.trials is None and "trials" not in failed:
+            problems.append(f"trials must be an integer >= 1 for the {sampler} sampler "
+                            f"(trials to finish); add trials = N")
+        if not dimensions and "space" not in failed:
             problems.append(f"the search space is empty: the {sampler} sampler needs at least "
                             f"one [space] dimension")
-    if pruner not in (None, "none") and len(objectives) > 1:
+    if "pruner" not in failed and _kind(data.pruner)[0] != "none" and len(data.objectives) > 1:
         problems.append("a pruner needs a single objective (Optuna cannot prune "
                         "multi-objective studies); set pruner = \"none\"")
-    problems += _check_options(sampler, sampler_options, pruner, pruner_options)
-
-    if problems or base is None:
-        return None, problems
-    spec = Spec(
-        name=name, profile=profile, path=path, description=description, suite=suite,
-        base=base, dimensions=tuple(dimensions), variants=variants,
-        sampler=sampler, sampler_options=sampler_options,
-        pruner=pruner, pruner_options=pruner_options,
-        objectives=tuple(objectives.items()), trials=trials if _is_int(trials) else 1,
-        table=merged,
-    )
-    return spec, []
-
-
-def _dimension(key: str, type_name: str, value, problems: list[str]) -> Dimension | None:
-    """A [space] entry as a Dimension; appends problems and returns None when invalid."""
-    if isinstance(value, list):
-        if not value:
-            problems.append(f"space.{key} is an empty list; give at least one value")
-            return None
-        choices, ok = [], True
-        for v in value:
-            coerced, problem = _coerce(key, type_name, v)
-            if problem:
-                problems.append(f"space.{problem}")
-                ok = False
-            else:
-                choices.append(coerced)
-        if ok and len(set(map(repr, choices))) != len(choices):
-            problems.append(f"space.{key} lists a value twice: {value!r}")
-            ok = False
-        return Dimension(key, choices=tuple(choices)) if ok else None
-    if isinstance(value, dict):
-        unknown = _unknown(value, ("low", "high", "log", "step"), f"space.{key}")
-        if unknown:
-            problems += unknown
-            return None
-        if type_name not in ("int", "float"):
-            problems.append(f"space.{key} is a {type_name} field: give a list of values, "
-                            f"not a range")
-            return None
-        low, high = value.get("low"), value.get("high")
-        log, step = value.get("log", False), value.get("step")
-        integer = type_name == "int"
-        number = _is_int if integer else _is_number
-        ok = True
-        for bound_name, bound in (("low", low), ("high", high)):
-            if not number(bound):
-                kind = "an integer" if integer else "a number"
-                problems.append(f"space.{key}.{bound_name} must be {kind}, got {bound!r}")
-                ok = False
-        if not isinstance(log, bool):
-            problems.append(f"space.{key}.log must be true or false, got {log!r}")
-            ok = False
-        if step is not None and (not number(step) or step <= 0):
-            problems.append(f"space.{key}.step must be a positive number, got {step!r}")
-            ok = False
-        if not ok:
-            return None
-        if not low < high:
-            problems.append(f"space.{key} range is empty: low {low} must be below high {high}")
-            return None
-        if log and low <= 0:
-            problems.append(f"space.{key} is log-uniform, so low must be > 0, got {low}")
-            return None
-        if log and step is not None:
-            problems.append(f"space.{key}: a log range cannot have a step (Optuna)")
-            return None
-        if not all(math.isfinite(v) for v in (low, high)):
-            problems.append(f"space.{key} bounds must be finite")
-            return None
-        return Dimension(key, low=low, high=high, log=log, step=step, integer=integer)
-    problems.append(f"space.{key} must be a list of values or a range table "
-                    f"{{ low = .., high = .., log = true }}, got {value!r}")
-    return None
-
-
-def _check_options(sampler, sampler_options, pruner, pruner_options) -> list[str]:
-    """Sampler / pruner options must be constructor arguments that the constructor accepts."""
-    import optuna
-
-    problems = []
-    classes = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
-               "nsga2": optuna.samplers.NSGAIISampler, "median": optuna.pruners.MedianPruner,
-               "hyperband": optuna.pruners.HyperbandPruner}
-    for kind, options, what in ((sampler, sampler_options, "sampler"),
-                                (pruner, pruner_options, "pruner")):
-        if kind is None or not options:
-            continue
-        if kind not in classes:
-            problems.append(f"the {kind} {what} takes no options, got {', '.join(options)}")
-            continue
-        cls = classes[kind]
-        known = [p for p in inspect.signature(cls).parameters if p != "seed"]
-        unknown = [k for k in options if k not in known]
-        if unknown:
-            problems.append(f"unknown {what} option(s) {', '.join(unknown)} for {kind} "
-                            f"(known: {', '.join(known)})")
-            continue
-        bad = [k for k, v in options.items() if isinstance(v, (dict, list))]
-        if bad:
-            problems.append(f"{what} options must be plain values: {', '.join(bad)}")
-            continue
-        try:
-            cls(**options)
-        except (TypeError, ValueError) as exc:
-            problems.append(f"{what} options rejected by {cls.__name__}: {exc}")
     return problems
 
 

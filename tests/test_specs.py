@@ -226,15 +226,37 @@ def test_every_problem_is_reported_together(tmp_path):
     ("[space]\nbeta = []\n", "empty list"),
     ('sampler = "random"\ntrials = 3\n[space]\n', "search space is empty"),
     ('sampler = "annealing"\n', "sampler = 'annealing' is not one of"),
-    ('pruner = { type = "median", patience = 3 }\n', "unknown pruner option(s) patience"),
+    ('pruner = { type = "median", patience = 3 }\n', "pruner has unknown option(s) patience"),
     ('objectives = { "val/kl" = "minimize", "val/sse" = "minimize" }\npruner = "median"\n',
      "a pruner needs a single objective"),
-    ('objectives = { "test/iwae_nll" = "minimize" }\n', "objective 'test/iwae_nll'"),
+    ('objectives = { "test/iwae_nll" = "minimize" }\n', "unknown key 'test/iwae_nll' in [objectives]"),
     ("[fixed]\ndevice = \"cuda\"\n", "set by the runner"),
-    ("[fixed]\nhidden = 400\n", "hidden must be a non-empty list of integers"),
-    ('seeds = [0, -1]\n[space]\n', "seeds must be integers >= 0"),
+    ("[fixed]\nhidden = 400\n", "fixed.hidden must be a list, got 400 (int)"),
+    ("[fixed]\nhidden = []\n", "fixed.hidden is an empty list"),
+    ('seeds = [0, -1]\n[space]\n', "seeds[1] must be >= 0, got -1"),
     ("[profiles.huge]\n", "unknown key 'huge' in [profiles]"),
     ("trials = 4\n", "trials is not used by a grid"),
+    # what the schema guarantees: strict types, closed tables, errors located by their path
+    ("[fixed]\nlatent_dim = true\n", "fixed.latent_dim must be an integer, got True (bool)"),
+    ('[fixed]\nbeta = "3"\n', "fixed.beta must be a number, got '3' (str)"),
+    ("[fixed]\ncompile = 1\n", "fixed.compile must be true or false, got 1 (int)"),
+    ('[fixed]\ntrain_subset = "some"\n', 'fixed.train_subset must be an integer or "all"'),
+    ("[fixed]\nadam_betas = [0.9, 0.99, 0.999]\n", "fixed.adam_betas must have at most 2 items"),
+    ('[space]\nbeta = [1.0, "x"]\n', "space.beta[1] must be a number, got 'x' (str)"),
+    ("[space]\nbeta = 0.5\n", "space.beta must be a list of values or a range table"),
+    ("[space]\nbeta = { low = 1, high = 2, sharp = true }\n", "unknown key 'sharp' in [space.beta]"),
+    ("[space]\nbeta = { low = 1.0 }\n", "space.beta.high is missing"),
+    ("[space]\nbeta = { low = 1.0, high = inf }\n", "space.beta.high must be a finite number"),
+    ("[space]\nlatent_dim = { low = 2.5, high = 8 }\n", "space.latent_dim.low must be an integer"),
+    ("[space]\nbeta = { low = 1.0, high = 2.0, step = 0.1, log = true }\n",
+     "space.beta cannot have both log = true and a step"),
+    ("[space]\nlikelihood = { low = 1, high = 2 }\n", "space.likelihood takes a list of values"),
+    ('[variants]\na = { device = "cpu" }\n', "variants.a.device is set by the runner"),
+    ('sampler = { type = "grid", x = 1 }\n', "sampler takes no options for grid, got x"),
+    ('sampler = { population_size = 3 }\n', "sampler.type is missing"),
+    ('[profiles.smoke]\ndescription = "x"\n', "unknown key 'description' in [profiles.smoke]"),
+    ('[profiles.full]\nsampler = { type = "tpe", bogus = 1 }\n',
+     "profiles.full.sampler has unknown option(s) bogus for tpe"),
 ])
 def test_single_problems_are_named(tmp_path, body, needle):
     base = "sampler = \"grid\"\n" if "sampler" not in body else ""
@@ -242,6 +264,28 @@ def test_single_problems_are_named(tmp_path, body, needle):
     with pytest.raises(UsageError) as err:
         load_spec(path)
     assert needle in str(err.value)
+
+
+def test_each_problem_is_reported_once_where_it_is_written(tmp_path):
+    path = write(tmp_path, """
+        sampler = "grid"
+        [fixed]
+        latent_dim = true
+        [space]
+        beta = { low = 1.0, high = 2.0, sharp = true }
+        [profiles.smoke]
+        fixed = { epochs = "1" }
+        [profiles.full]
+        fixed = { epochs = 0 }
+    """)
+    with pytest.raises(UsageError) as err:
+        load_spec(path, "smoke")
+    message = str(err.value)
+    for needle in ("has 4 problems", "fixed.latent_dim must be an integer, got True (bool)",
+                   "unknown key 'sharp' in [space.beta]",
+                   "profiles.smoke.fixed.epochs must be an integer, got '1' (str)",
+                   "[profile full] fixed: epochs must be >= 1, got 0"):
+        assert needle in message, needle
 
 
 def test_malformed_toml_names_the_file_and_line(tmp_path):
