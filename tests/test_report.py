@@ -612,3 +612,60 @@ def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch):
     seen = inspect_page(out / "loss_choice.html", ARTIFACTS / "report-smoke-loss_choice.png")
     assert not seen["console_errors"] and not seen["exceptions"] and not seen["log_errors"], seen
     assert all(width > 0 and height > 0 for _, width, height in seen["images"]), seen["images"]
+
+
+# --------------------------------------------------------------------------- degenerate subsets
+
+
+def subset_store(uri: str, dest: Path, keep) -> str:
+    """A copy of the store at `uri` where every trial run for which keep(study, params) is false
+    is deleted (MLflow's soft delete: search_runs no longer returns it)."""
+    from mlflow import MlflowClient
+
+    target = f"sqlite:///{copy_store(uri, dest)}"
+    client = MlflowClient(tracking_uri=target)
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], max_results=1000):
+            params = run.data.params
+            if "likelihood" in params and not keep(experiment.name, params):
+                client.delete_run(run.info.run_id)
+    return target
+
+
+def _one_run_each(study, p):
+    return {
+        "loss_choice": (p["dataset"], p["likelihood"], p["beta"], p["seed"])
+        == ("fashion", "gaussian", "0.5", "1"),
+        "kl_dynamics": (p["beta"], p["latent_dim"], p["beta_schedule"], p["free_bits"])
+        == ("1.0", "2", "constant", "0.0"),
+        "search_mnist": p["beta"] == "0.3",
+    }[study]
+
+
+DEGENERATE = {
+    # the README's `ONLY=likelihood=bernoulli`: one likelihood, no pair for any verdict
+    "bernoulli_only": lambda study, p: study == "loss_choice" and p["likelihood"] == "bernoulli",
+    # one dataset, likelihood, beta, seed, latent_dim and search trial per study
+    "one_run_each": _one_run_each,
+    # warm-up and free bits without a constant-beta run to compare with
+    "kl_variants_only": lambda study, p: study == "kl_dynamics" and (
+        p["beta_schedule"] != "constant" or float(p["free_bits"]) > 0),
+}
+
+
+@pytest.mark.parametrize("subset", list(DEGENERATE))
+def test_every_page_builds_from_a_degenerate_subset(store, data_root, tmp_path, subset):
+    uri = subset_store(store[0], tmp_path / "mlflow.db", DEGENERATE[subset])
+    out = tmp_path / "reports"
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.report", "--tracking-uri", uri, "--out", str(out),
+         "--data-root", str(data_root)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for page in PAGES:
+        assert (out / f"{page}.html").stat().st_size > 1000, page
+        cells = parsed(out / f"{page}.html").cells
+        assert not [c for c in cells if re.search(r"\b(nan|NaN|inf|None)\b", c)], page
+    for page in ("loss_choice", "kl_dynamics"):
+        md = (out / f"{page}.md").read_text()
+        for rel in re.findall(r"\]\((figures/[^)]+\.png)\)", md):
+            assert (out / rel).stat().st_size > 1000, rel
