@@ -13,10 +13,12 @@ import io
 import json
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -764,3 +766,51 @@ def test_a_grid_point_trained_again_counts_once(store, data_root, tmp_path):
     assert runs.frame.set_index("run_id").at[first, "duplicate_of"] == again
     assert {new_seed, other_lr} <= counted and len(counted) == 17
     assert len(runs.finished("kl_dynamics")) == 6 and len(runs.finished("burda2016")) == 1
+
+
+# --------------------------------------------------------------------------- a killed build
+
+
+def test_a_killed_build_leaves_the_previous_pages_whole(store, tmp_path):
+    """Issue #19, 4.3: SIGKILL of `python -m analysis.report` in the middle of its build leaves
+    every page of the previous build as it was, and the next build clears what it left."""
+    # loss_choice only, without the data evidence: each build takes seconds
+    uri = subset_store(store[0], tmp_path / "mlflow.db", lambda study, _: study == "loss_choice")
+    out = tmp_path / "reports"
+    args = ["--tracking-uri", uri, "--out", str(out), "--data-root", str(tmp_path / "no-data")]
+    assert report.main([*args, "--ui-url", UI]) == 0
+
+    def files():
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+                if p.is_file() and not p.relative_to(out).parts[0].startswith(".staging-")}
+
+    previous = files()
+    page = out / "loss_choice.html"
+    before = page.stat()
+    # another UI address changes every run link, so each new page differs from its old one
+    build = subprocess.Popen(
+        [sys.executable, "-m", "analysis.report", *args, "--ui-url", "http://other.test:5000"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = out / f".staging-{build.pid}"
+    try:
+        # kill once the build has started writing: its staging folder exists, or (a build
+        # writing in place) loss_choice.html has been opened
+        while build.poll() is None:
+            now = page.stat()
+            if staging.exists() or (now.st_mtime_ns, now.st_size, now.st_ino) != (
+                    before.st_mtime_ns, before.st_size, before.st_ino):
+                break
+            time.sleep(0.001)
+        build.send_signal(signal.SIGKILL)
+    finally:
+        build.kill()
+        build.wait(timeout=60)
+    assert build.returncode == -signal.SIGKILL, "the build ended before it was killed"
+    assert files() == previous  # every page and figure of the previous build, byte for byte
+    assert staging.is_dir()  # what the killed build left
+
+    assert report.main([*args, "--ui-url", UI]) == 0
+    assert not list(out.glob(".staging-*"))
+    for name in ("index.html", "loss_choice.html", "loss_choice.md", "kl_dynamics.html",
+                 "kl_dynamics.md"):
+        assert (out / name).stat().st_size > 1000, name
