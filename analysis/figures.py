@@ -190,10 +190,12 @@ def metric_by_beta(runs: pd.DataFrame, metrics: list[tuple], datasets, likelihoo
         for i, (col, label) in enumerate(metrics):
             for j, name in enumerate(datasets):
                 sub = runs[(runs["dataset"] == name)].dropna(subset=[col])
+                hues = [h for h in likelihoods if h in set(sub["likelihood"])]
+                # seaborn spreads a numeric dodge over (levels - 1) gaps: one level divides by 0
                 sns.pointplot(data=sub, x="beta", y=col, hue="likelihood", palette=colours,
-                              hue_order=[h for h in likelihoods if h in set(sub["likelihood"])],
-                              errorbar=t_interval, dodge=0.3, ax=axes[i, j], markersize=4,
-                              capsize=0.1, legend=(i == 0 and j == 0))
+                              hue_order=hues, errorbar=t_interval,
+                              dodge=0.3 if len(hues) > 1 else False, ax=axes[i, j],
+                              markersize=4, capsize=0.1, legend=(i == 0 and j == 0))
                 axes[i, j].set(title=name, xlabel="β", ylabel=label)
     return fig
 

@@ -1,7 +1,9 @@
 """Entry point: MLflow runs -> reports/. `python -m analysis.report --tracking-uri URI --out DIR`
 writes index.html, loss_choice.html/.md and kl_dynamics.html/.md (figures of the Markdown
 under DIR/figures/), and reproduction.html/.md when the store has finished burda2016 runs.
-The HTML is self-contained: figures are embedded, nothing is fetched.
+The HTML is self-contained: figures are embedded, nothing is fetched. A build writes into
+DIR/.staging-<pid>/ and moves its files into place once all are built, so a killed build
+leaves the previous pages whole.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import base64
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from study.errors import UsageError
 TEMPLATES = Path(__file__).with_name("templates")
 DEFAULT_UI = "http://127.0.0.1:5000"
 EXPECTED_STUDIES = ("loss_choice", "kl_dynamics", "search_mnist", "search_fashion")
+STAGING_PREFIX = ".staging-"
+"""A build writes into `<out>/.staging-<pid>/` and moves the files into place at the end."""
 
 
 def default_tracking_uri() -> str:
@@ -110,14 +115,33 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
                   collapse_threshold: float = kl_dynamics.COLLAPSE_THRESHOLD,
                   profile: str | None = None) -> list[Path]:
     """Read the runs (of `profile`, when given), build the reports (the reproduction only
-    when its runs exist) and the index under `out`; the paths written."""
+    when its runs exist) and the index under `out`; the paths written.
+
+    Every page and figure is written to a staging folder inside `out` first and moved into
+    place only once all were built, index.html last: a build that is killed leaves the
+    previous build's pages whole (its staging folder is removed by the next build)."""
     store = load_runs(tracking_uri, profile)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir()
+    try:
+        built = build_into(staging, store, ui_url, Path(data_root), collapse_threshold)
+        return publish(staging, out, built)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_into(folder: Path, store: RunStore, ui_url: str, data_root: Path,
+               collapse_threshold: float) -> list[Path]:
+    """Every report, its figures and the index written under `folder`; their paths relative
+    to it, index.html last."""
     html_env, md_env = environments()
 
     def render_md(name, **values):
         return md_env.get_template(name).render(**values)
 
-    evidence, data_problem = read_evidence(Path(data_root))
+    evidence, data_problem = read_evidence(data_root)
     loss_report, verdict_rows = loss_choice.build(loss_choice.Context(
         store, ui_url, evidence, data_problem, render_md))
     kl_report = kl_dynamics.build(kl_dynamics.Context(
@@ -127,19 +151,18 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
     if repro_report is not None:
         reports.append(repro_report)
 
-    out.mkdir(parents=True, exist_ok=True)
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
+    (folder / "figures").mkdir()
     written = []
     for report in reports:
         report.number_figures()
         for fig in report.figures():
             fig.name = f"{report.name}-{fig.name}"
-            (fig_dir / f"{fig.name}.png").write_bytes(fig.png)
-            written.append(fig_dir / f"{fig.name}.png")
+            path = Path("figures") / f"{fig.name}.png"
+            (folder / path).write_bytes(fig.png)
+            written.append(path)
         for ext, env in (("html", html_env), ("md", md_env)):
-            path = out / f"{report.name}.{ext}"
-            write(path, env.get_template(f"report.{ext}.j2").render(report=report))
+            path = Path(f"{report.name}.{ext}")
+            write(folder / path, env.get_template(f"report.{ext}.j2").render(report=report))
             written.append(path)
     missing = {}
     for m in loss_report.missing + kl_report.missing:
@@ -149,9 +172,38 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
         studies=study_rows(store, ui_url),
         built_from=tables.provenance(store, sorted(set(store.frame["study"]))),
         missing=list(missing.values()))
-    write(out / "index.html", index)
-    written.append(out / "index.html")
-    return written
+    write(folder / "index.html", index)
+    return [*written, Path("index.html")]
+
+
+def publish(staging: Path, out: Path, built: list[Path]) -> list[Path]:
+    """Move the files `built` under `staging` to the same paths under `out`, in order (index.html
+    last, so it never links a page of the build before that page is in place); their new paths.
+    os.replace swaps each file whole: a reader sees the old page or the new one, never a part."""
+    (out / "figures").mkdir(exist_ok=True)
+    for rel in built:
+        os.replace(staging / rel, out / rel)
+    return [out / rel for rel in built]
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders in `out` of builds whose process is gone (killed mid-build);
+    a build still running keeps its own."""
+    for folder in out.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):]
+        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ Columns: `run_id`, `experiment_id`, `run_name`, `status`, `study`; the Config pa
 their own names (numeric where every value parses, e.g. `beta`, `latent_dim`, `seed`); the
 final (latest) value of each metric under its key (`val/kl`, `test/sse`), except ungrouped
 keys, which get a `last/` prefix (`last/beta`, `last/lr`) so they never clash with a param;
-tags as `tag/<name>` (`tag/git_commit`, `tag/profile`).
+tags as `tag/<name>` (`tag/git_commit`, `tag/profile`); `duplicate_of`, the run kept in place
+of a finished run that repeated a grid point and seed already counted (NaN for runs that count).
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from study.config import Config
 from study.errors import UsageError
+from study.resume import RUN_ONLY_FIELDS
+from study.specs import VARIANT
 from study.stores import redact  # one redaction for everything written or printed
 
 FINISHED = "FINISHED"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+RESULT_FIELDS = tuple(name for name in Config.field_names() if name not in RUN_ONLY_FIELDS)
+"""Config params that define a run's result (seed included); the run-only fields say only where
+and how fast it trained."""
 
 
 def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
@@ -67,6 +74,36 @@ def _numeric_where_possible(column: pd.Series) -> pd.Series:
     return column
 
 
+def duplicate_of(raw: pd.DataFrame, study: pd.Series) -> pd.Series:
+    """Per run of mlflow.search_runs' frame, the run_id of the newest FINISHED run (by end time)
+    with the same study, profile, result-defining params and variant, where that is another
+    run; NaN otherwise. A grid point trained again (an emptied Optuna store, say) repeats a
+    result already counted, and counting it as another seed fakes a zero-width interval."""
+    finished = raw[raw["status"] == FINISHED]
+    out = pd.Series(float("nan"), index=raw.index, dtype=object)
+    if finished.empty:
+        return out
+    defaults = Config()
+
+    def param(name, default):
+        col = f"params.{name}"
+        if col not in finished:
+            return pd.Series(default, index=finished.index)
+        # compared as logged; a run made before a field existed trained with its default
+        return finished[col].fillna(default).astype(str)
+
+    key = [study[finished.index].astype(str),
+           finished.get("tags.profile", pd.Series("", index=finished.index)).fillna("")]
+    key += [param(name, str(getattr(defaults, name))) for name in RESULT_FIELDS]
+    key.append(param(VARIANT, ""))
+    newest_first = finished.assign(_key=list(zip(*key, strict=True))).sort_values(
+        ["end_time", "run_id"], ascending=False)
+    kept = newest_first.groupby("_key", sort=False)["run_id"].transform("first")
+    repeats = kept != newest_first["run_id"]
+    out[kept.index[repeats]] = kept[repeats]
+    return out
+
+
 def tidy(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFrame:
     """mlflow.search_runs' frame -> one row per trial run with the columns of this module.
 
@@ -74,15 +111,20 @@ def tidy(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFrame:
     invocation are left out.
     """
     if raw.empty:
-        return pd.DataFrame(columns=["run_id", "experiment_id", "run_name", "status", "study"])
+        return pd.DataFrame(columns=["run_id", "experiment_id", "run_name", "status", "study",
+                                     "duplicate_of"])
     trial = raw["params.likelihood"].notna() if "params.likelihood" in raw else raw["run_id"].isna()
     parents = set(raw.get(f"tags.{PARENT_TAG}", pd.Series(dtype=str)).dropna())
     raw = raw[trial & ~raw["run_id"].isin(parents)]
+    by_experiment = raw["experiment_id"].astype(str).map(experiment_names)
+    study = raw["tags.study"].fillna(by_experiment) if "tags.study" in raw else by_experiment
     out = {
         "run_id": raw["run_id"],
         "experiment_id": raw["experiment_id"].astype(str),
         "status": raw["status"],
         "start_time": raw.get("start_time"),
+        "end_time": raw.get("end_time"),
+        "duplicate_of": duplicate_of(raw, study),
     }
     for col in raw.columns:
         if col.startswith("params."):
@@ -96,9 +138,7 @@ def tidy(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFrame:
     names = frame.get(f"tag/{RUN_NAME_TAG}")
     frame["run_name"] = names if names is not None else frame["run_id"]
     frame["run_name"] = frame["run_name"].fillna(frame["run_id"])
-    by_experiment = frame["experiment_id"].map(experiment_names)
-    study_tag = frame.get("tag/study")
-    frame["study"] = study_tag.fillna(by_experiment) if study_tag is not None else by_experiment
+    frame["study"] = study
     return frame.sort_values(["study", "run_name"]).reset_index(drop=True)
 
 
@@ -123,10 +163,20 @@ class RunStore:
         return sorted(self.frame["study"].dropna().unique())
 
     def finished(self, study: str | list[str]) -> pd.DataFrame:
-        """FINISHED trial runs of one or more studies (pruned and failed runs are left out)."""
+        """FINISHED trial runs of one or more studies, one per grid point and seed (pruned and
+        failed runs, and finished runs that repeated a counted one, are left out)."""
+        frame = self._of(study)
+        return frame[(frame["status"] == FINISHED) & frame["duplicate_of"].isna()].copy()
+
+    def duplicates(self, study: str | list[str]) -> pd.DataFrame:
+        """FINISHED runs of the studies that `finished` skips: each repeated the grid point and
+        seed of the newer finished run named in its `duplicate_of`."""
+        frame = self._of(study)
+        return frame[frame["duplicate_of"].notna()].copy()
+
+    def _of(self, study: str | list[str]) -> pd.DataFrame:
         names = [study] if isinstance(study, str) else list(study)
-        frame = self.frame
-        return frame[frame["study"].isin(names) & (frame["status"] == FINISHED)].copy()
+        return self.frame[self.frame["study"].isin(names)]
 
     def history(self, run_ids, keys) -> pd.DataFrame:
         """Long frame (run_id, key, step, value) of every logged value of `keys` in `run_ids`."""

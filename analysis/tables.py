@@ -88,11 +88,13 @@ def provenance(store: RunStore | None, studies: list[str], extra=()) -> list[tup
             f"{r.iloc[0]}{dirty[len(r) > 1 and str(r.iloc[1]).lower() == 'true']}"
             for _, r in pairs.dropna(subset=["tag/git_commit"]).iterrows()) or "—"
     finished = frame[frame["status"] == FINISHED]
+    repeated = len(store.duplicates(studies))
     return [
         ("tracking store", redact(store.tracking_uri)),
         ("studies", ", ".join(f"{s} (experiment {store.experiments[s]})" for s in present)
          or "none"),
         ("runs", f"{len(frame)} trial runs: {status}; statistics use the finished ones"),
+        *([("repeated runs", repeated_text(repeated))] if repeated else []),
         ("profile", tag("profile")),
         ("datasets", values_text(finished.get("dataset", []))),
         ("seeds", values_text(finished.get("seed", []))),
@@ -103,6 +105,14 @@ def provenance(store: RunStore | None, studies: list[str], extra=()) -> list[tup
         ("built", built),
         *extra,
     ]
+
+
+def repeated_text(n: int) -> str:
+    """What the statistics did with `n` finished runs that repeated a counted grid point."""
+    runs, verb = ("run", "is") if n == 1 else ("runs", "are")
+    return (f"{n} finished {runs} repeated a grid point and seed already counted (same study, "
+            f"profile, settings and seed) and {verb} skipped; the newest finished run of each "
+            f"grid point and seed is used")
 
 
 def missing_studies(store: RunStore | None, needed: dict[str, str]) -> list[Missing]:
