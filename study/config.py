@@ -7,7 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli", "laplace")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "gaussian_optimal",
+               "continuous_bernoulli", "laplace")
 ARCHITECTURES = ("mlp", "conv")
 ACTIVATIONS = ("relu", "tanh", "elu", "leaky_relu", "softplus")
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
@@ -48,7 +49,8 @@ class Config:
 
     # --- likelihood p(x|z)
     likelihood: str = "bernoulli"
-    """Decoder p(x|z): bernoulli (BCE), gaussian (MSE), gaussian_learned, continuous_bernoulli, laplace."""
+    """Decoder p(x|z): bernoulli (BCE), gaussian (MSE), gaussian_learned, gaussian_optimal
+    (sigma-VAE: sigma^2 = MSE in closed form), continuous_bernoulli, laplace."""
     sigma: float = math.sqrt(0.5)
     """Fixed Gaussian std; sigma^2 = 1/2 makes -log p exactly SSE + (D/2) log(pi)."""
     laplace_scale: float = 1.0
@@ -108,7 +110,8 @@ class Config:
     threads: int | None = None
     """torch intra-op threads; None leaves torch's default (set to 1 per worker with JOBS > 1)."""
     compile: bool = False
-    """Wrap the model in torch.compile where available (falls back cleanly)."""
+    """Compile the whole training step (gradient and Adam) with torch.compile; falls back to
+    eager cleanly."""
     checkpoint_minutes: float = 10.0
     """Save a resumable state at the first epoch end after this many minutes (0 = every epoch)."""
 

@@ -8,6 +8,8 @@ averaged over images; SSE summed over pixels, averaged over images.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from study import quality
@@ -79,6 +81,32 @@ def evaluate_iwae(
         total += float(importance_weighted_bound(model, likelihood, x_all[sl], k, chunk, gen).sum())
     model.train()
     return -total / x_all.shape[0]
+
+
+def convergence(history: list[dict[str, float]]) -> dict[str, float]:
+    """How much a run was still changing at its end, from its per-epoch validation values,
+    over its last tenth of epochs (at least the last one), keyed for logging:
+
+    converge/val_nelbo_change  the validation NELBO's fall over those epochs, nats per image
+                               (positive: still improving)
+    converge/val_nelbo_share   that fall as a share of its fall since the first epoch
+    converge/log_sigma_change  the change of a likelihood's log sigma over those epochs
+
+    Empty for a run of one epoch: nothing can be said about its trend.
+    """
+    epochs = len(history)
+    if epochs < 2:
+        return {}
+    back = max(1, math.ceil(epochs / 10))
+    first, before, last = history[0], history[-1 - back], history[-1]
+    change = before["val/nelbo"] - last["val/nelbo"]
+    total = first["val/nelbo"] - last["val/nelbo"]
+    out = {"converge/val_nelbo_change": change,
+           "converge/val_nelbo_share": change / total if total > 0 else math.nan}
+    if "likelihood/sigma" in last and "likelihood/sigma" in before:
+        out["converge/log_sigma_change"] = math.log(last["likelihood/sigma"]
+                                                    / before["likelihood/sigma"])
+    return out
 
 
 def evaluate_test(model: VAE, likelihood: Likelihood, splits, config: Config,

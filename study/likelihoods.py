@@ -27,6 +27,9 @@ class Likelihood(nn.Module):
     """Base: subclasses define log_prob (per image, nats) and mean (the reconstruction)."""
 
     name = "base"
+    calibrating = False
+    """True during training steps: a likelihood fitted to each batch (GaussianOptimal) uses
+    the batch; evaluation scores with what training fitted."""
 
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -37,6 +40,10 @@ class Likelihood(nn.Module):
     def logged(self) -> dict[str, float]:
         """Learned quantities worth tracking (e.g. a learned sigma)."""
         return {}
+
+    def end_epoch(self, recon: torch.Tensor, weights: torch.Tensor, pixels: int) -> None:
+        """After each training epoch: `recon` holds each step's -log p (nats per image),
+        `weights` each step's share of the epoch's images, `pixels` D. Most keep nothing."""
 
 
 class Bernoulli(Likelihood):
@@ -94,6 +101,46 @@ class GaussianLearned(Likelihood):
         return {"sigma": float(self.log_sigma.detach().exp())}
 
 
+class GaussianOptimal(Likelihood):
+    """The sigma-VAE's calibrated decoder (Rybkin, Daniilidis & Levine 2021, Sec. 3): one
+    shared sigma set in closed form to its maximum-likelihood value, sigma^2 = the mean
+    squared error over the batch's pixels, instead of being learned. At that sigma,
+    -log p(x|z) averaged over the batch is exactly (D/2)(1 + log(2 pi sigma^2)).
+
+    While `calibrating` (training steps), each batch uses its own sigma (detached: at the
+    optimum the loss does not change with sigma). A held-out image is scored with the fixed
+    sigma of the last training epoch (the buffer `log_sigma`, set by `end_epoch` from the
+    epoch's steps), so evaluation is one fixed density. sigma is kept >= e^-6, as the
+    authors clip it, so a perfect reconstruction cannot drive the density to infinity."""
+
+    name = "gaussian_optimal"
+    MIN_LOG_SIGMA = -6.0
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("log_sigma", torch.zeros(()))
+
+    def log_prob(self, x, params):
+        if self.calibrating:
+            mse = (x - params).detach().square().mean()
+            log_sigma = (0.5 * mse.log()).clamp_min(self.MIN_LOG_SIGMA)
+        else:
+            log_sigma = self.log_sigma
+        return _per_image(D.Normal(params, log_sigma.exp(), validate_args=False).log_prob(x))
+
+    def mean(self, params):
+        return params
+
+    def logged(self):
+        return {"sigma": float(self.log_sigma.exp())}
+
+    def end_epoch(self, recon, weights, pixels):
+        # each step's sigma^2 from its -log p = (D/2)(1 + log(2 pi sigma^2)); their
+        # image-weighted mean is the epoch's mean squared error
+        sigma2 = (2 * recon.double() / pixels - 1).exp() / (2 * math.pi)
+        self.log_sigma.fill_(float(0.5 * (sigma2 * weights.double()).sum().log()))
+
+
 class ContinuousBernoulli(Likelihood):
     """Loaiza-Ganem & Cunningham 2019: the Bernoulli with its normalizer on [0, 1].
 
@@ -132,6 +179,7 @@ def make_likelihood(config: Config) -> Likelihood:
         "bernoulli": lambda: Bernoulli(),
         "gaussian": lambda: Gaussian(config.sigma),
         "gaussian_learned": lambda: GaussianLearned(config.init_log_sigma),
+        "gaussian_optimal": lambda: GaussianOptimal(),
         "continuous_bernoulli": lambda: ContinuousBernoulli(),
         "laplace": lambda: Laplace(config.laplace_scale),
     }

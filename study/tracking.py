@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from study.errors import UsageError
+from study.evaluate import convergence
 from study.stores import artifact_root, redact, sqlite_path, tune_sqlite
 from study.train import Callback, TrainResult
 from study.trial_figures import TrialFigures
@@ -236,11 +237,14 @@ class TrialLogger(Callback):
 
 def final_metrics(result: TrainResult) -> dict[str, float]:
     """`test/<key>` for every key the engine's test evaluation returns, plus quantities that
-    only exist at the end (the SSE-equivalent beta of a learned Gaussian sigma)."""
+    only exist at the end: how settled the run was (`converge/*`, study.evaluate.convergence)
+    and the SSE-equivalent beta of a learned or calibrated Gaussian sigma."""
     out = {f"test/{k}": v for k, v in result.test.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.update(convergence(result.history))
     config = result.config
-    if config.likelihood == "gaussian_learned" and result.final.get("likelihood/sigma"):
+    if config.likelihood in ("gaussian_learned", "gaussian_optimal") \
+            and result.final.get("likelihood/sigma"):
         sigma = result.final["likelihood/sigma"]
         out["likelihood/sse_equivalent_beta"] = 2 * sigma**2 * config.beta
     return out

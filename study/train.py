@@ -155,8 +155,12 @@ class Trainer:
         betas = [beta_at(config, self.global_step + i, self.steps_per_epoch)
                  for i in range(self.steps_per_epoch)]
         self.step_fn.begin_epoch(lr, self.global_step, self.steps_per_epoch)
-        for i in range(self.steps_per_epoch):
-            stats[i] = self.step_fn(x_all[i * bs:(i + 1) * bs], betas[i], self.generator, i)
+        self.likelihood.calibrating = True
+        try:
+            for i in range(self.steps_per_epoch):
+                stats[i] = self.step_fn(x_all[i * bs:(i + 1) * bs], betas[i], self.generator, i)
+        finally:
+            self.likelihood.calibrating = False
         self.step_fn.end_epoch(self.global_step + self.steps_per_epoch)
         stats = stats.cpu()  # the epoch's one synchronization
         bad = (~torch.isfinite(stats)).any(1).nonzero()
@@ -170,6 +174,7 @@ class Trainer:
         sizes[-1] = n - bs * (self.steps_per_epoch - 1)  # the last batch may be smaller
         w = sizes / n
         loss, recon, kl = (float((stats[:, j] * w).sum()) for j in range(3))
+        self.likelihood.end_epoch(stats[:, 1], w, math.prod(self.splits.image_shape))
         self.epoch += 1
         self.global_step += self.steps_per_epoch
         metrics = {
