@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from analysis import stats, verdicts
+from analysis import convergence, stats, verdicts
 from analysis.evidence import loss_scale_audit
 from analysis.kl_dynamics import collapse
 from analysis.runs import redact
@@ -210,3 +210,61 @@ def test_matched_rate_compares_at_equal_kl():
     v = verdicts.compare(pd.DataFrame(rows), "mnist", "bernoulli", "gaussian")
     matched = next(o for o in v.outcomes if o.metric is verdicts.MATCHED_RATE)
     assert matched.result.n == 3 and matched.outcome == verdicts.FAVOURS
+
+
+# --------------------------------------------------------------------------- convergence
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("row, status", [
+    ({"epochs": 1}, convergence.CANNOT_TELL),  # one epoch logs no converge/*: no trend
+    ({"epochs": 10}, convergence.CANNOT_TELL),  # a run from before the metrics existed
+    ({"epochs": 10, "converge/val_nelbo_change": 0.4, "converge/val_nelbo_share": 0.02},
+     convergence.SETTLED),
+    ({"epochs": 10, "converge/val_nelbo_change": 1.0, "converge/val_nelbo_share": 0.05},
+     convergence.SETTLED),  # the threshold itself is settled
+    ({"epochs": 10, "converge/val_nelbo_change": 3.0, "converge/val_nelbo_share": 0.12},
+     convergence.MOVING),  # a tenth of the fall in the last tenth: still falling evenly
+    ({"epochs": 30, "converge/val_nelbo_change": -2.0, "converge/val_nelbo_share": -0.2},
+     convergence.MOVING),  # rose again (over-fitting): moving too
+    ({"epochs": 10, "converge/val_nelbo_change": -1.0, "converge/val_nelbo_share": NAN},
+     convergence.CANNOT_TELL),  # never fell after epoch 1: no share to read
+    ({"epochs": 10, "converge/val_nelbo_change": 0.1, "converge/val_nelbo_share": 0.01,
+      "converge/log_sigma_change": -0.03}, convergence.MOVING),  # NELBO flat, sigma still moving
+    ({"epochs": 10, "converge/val_nelbo_change": 0.1, "converge/val_nelbo_share": 0.01,
+      "converge/log_sigma_change": 0.01}, convergence.SETTLED),
+    ({"epochs": 10, "converge/val_nelbo_change": 5.0, "converge/val_nelbo_share": 0.3,
+      "converge/log_sigma_change": 0.001}, convergence.MOVING),
+])
+def test_run_convergence(row, status):
+    assert convergence.run_convergence(row).status == status
+
+
+def test_one_epoch_says_why_it_cannot_tell():
+    assert "one epoch" in convergence.run_convergence({"epochs": 1}).reason
+    moving = convergence.run_convergence({"epochs": 10, "converge/val_nelbo_change": 3.0,
+                                          "converge/val_nelbo_share": 0.12})
+    assert moving.reason == ("its validation NELBO still fell by 3 nats (12% of its fall since "
+                             "epoch 1) in its last tenth of epochs")
+
+
+@pytest.mark.parametrize("statuses, cell", [
+    ([convergence.SETTLED] * 3, convergence.SETTLED),
+    ([convergence.SETTLED, convergence.MOVING, convergence.CANNOT_TELL], convergence.MOVING),
+    ([convergence.SETTLED, convergence.CANNOT_TELL], convergence.CANNOT_TELL),
+    ([], convergence.CANNOT_TELL),
+])
+def test_a_cell_is_settled_only_when_every_run_is(statuses, cell):
+    assert convergence.cell_status(statuses) == cell
+
+
+def test_flags_per_cell():
+    settled = {"epochs": 10, "converge/val_nelbo_change": 0.1, "converge/val_nelbo_share": 0.01}
+    moving = {"epochs": 10, "converge/val_nelbo_change": 4.0, "converge/val_nelbo_share": 0.2}
+    frame = pd.DataFrame([{"likelihood": "a", **settled}, {"likelihood": "a", **moving},
+                          {"likelihood": "a", **settled}, {"likelihood": "b", **settled},
+                          {"likelihood": "c", "epochs": 1}])
+    flags = convergence.flags(frame, ["likelihood"]).set_index("likelihood")["flag"]
+    assert flags.to_dict() == {"a": "still moving: 1 of 3 runs", "b": "settled",
+                               "c": "cannot tell: 1 of 1 run (one epoch)"}
