@@ -8,8 +8,13 @@ Rule 2 (a comparison): supports when more than half of the tested metrics favour
 and none goes against it; contradicts when more than half go against it and none favours
 it; insufficient data when no metric could be tested; mixed otherwise.
 Rule 3 (the claim): the comparison with the rival as people write it (fixed sigma^2 = 1/2)
-decides; when the calibrated comparison (shared learned sigma) was run and reaches a
-different, testable verdict, the claim is mixed.
+decides; when the calibrated comparison (the sigma-VAE's closed-form sigma) was run and
+reaches a different, testable verdict, the claim is mixed. The Gaussian with a sigma learned
+by Adam is compared too and reported beside it, outside the rule.
+Per beta and pooled: every verdict is computed on the pairs at each beta alone and on all
+pairs pooled; the pooled one is the headline and the per-beta ones stand beside it, so the
+pairs of one beta cannot outvote another's unseen. A comparison names the cells (a
+likelihood at a beta) it rests on that had not settled (analysis.convergence).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from analysis import stats
+from analysis import convergence, stats
 
 ALPHA = 0.05
 MIN_PAIRS = 3
-PAIR_ON = ["beta", "seed", "latent_dim"]
+PAIR_ON = ["beta", "seed", "latent_dim", "epochs"]
+"""Runs pair when they share these (and the dataset): runs of two budgets never pair."""
+POOLED = "pooled"
 
 SUPPORTS, CONTRADICTS, MIXED, INSUFFICIENT = "supports", "contradicts", "mixed", "insufficient data"
 FAVOURS, AGAINST, NO_DIFFERENCE = "favours the claim", "against the claim", "no difference"
@@ -31,6 +38,7 @@ FAVOURS, AGAINST, NO_DIFFERENCE = "favours the claim", "against the claim", "no 
 LIKELIHOOD_LABELS = {
     "bernoulli": "Bernoulli (BCE)",
     "gaussian": "Gaussian, fixed σ (MSE)",
+    "gaussian_optimal": "Gaussian, calibrated σ (σ-VAE)",
     "gaussian_learned": "Gaussian, learned σ",
     "continuous_bernoulli": "continuous Bernoulli",
     "laplace": "Laplace (L1)",
@@ -136,6 +144,8 @@ class Comparison:
     outcomes: list[MetricOutcome] = field(default_factory=list)
     absent: list[str] = field(default_factory=list)
     """Likelihoods of the comparison without any finished run on the dataset."""
+    cells: dict = field(default_factory=dict)
+    """(likelihood, beta) -> (status, flag) of every cell behind the comparison."""
 
     @property
     def verdict(self) -> str:
@@ -145,6 +155,11 @@ class Comparison:
     def label(self) -> str:
         return f"{LIKELIHOOD_LABELS.get(self.favoured, self.favoured)} vs " \
                f"{LIKELIHOOD_LABELS.get(self.rival, self.rival)}"
+
+    @property
+    def pairs(self) -> int:
+        """Pairs of the first metric tested (the SSE): what the verdict rests on."""
+        return self.outcomes[0].result.n if self.outcomes else 0
 
     def summary(self) -> str:
         if self.absent:
@@ -167,28 +182,57 @@ class Comparison:
 
 def compare(frame: pd.DataFrame, dataset: str, favoured: str, rival: str,
             metrics=METRICS) -> Comparison:
-    """Rule 1 for every metric present, favoured vs rival on one dataset."""
+    """Rule 1 for every metric present, favoured vs rival on one dataset (and the SSE at a
+    matched rate when the test rate and SSE were logged)."""
     sub = with_derived(frame[frame["dataset"] == dataset])
     on = [c for c in PAIR_ON if c in sub]
     comparison = Comparison(dataset, favoured, rival)
     comparison.absent = [lik for lik in (favoured, rival) if lik not in set(sub["likelihood"])]
     if comparison.absent:
         return comparison
+    pair = sub[sub["likelihood"].isin([favoured, rival])]
+    comparison.cells = cell_flags(pair)
     for metric in metrics:
         if metric.values(sub) is None:
             continue
         a, b = stats.pair_runs(sub, "likelihood", favoured, rival, on, metric.key)
         comparison.outcomes.append(metric_outcome(metric, stats.paired(a.values, b.values)))
-    if RATE in sub and DISTORTION in sub:
+    if RATE in sub and DISTORTION in sub and sub["beta"].nunique() > 1:
         a, b = matched_rate_pairs(sub, favoured, rival)
         comparison.outcomes.append(metric_outcome(MATCHED_RATE, stats.paired(a, b)))
     return comparison
 
 
+def cell_flags(runs: pd.DataFrame) -> dict:
+    """(likelihood, beta) -> (status, flag) for each cell of `runs`."""
+    if runs.empty:
+        return {}
+    cells = convergence.flags(runs, ["likelihood", "beta"])
+    return {(r["likelihood"], float(r["beta"])): (r["status"], r["flag"])
+            for _, r in cells.iterrows()}
+
+
+def describe_unsettled(cells: dict) -> str:
+    """The cells of `cells` that had not settled, compactly; '' when all had."""
+    unsettled = {k: v for k, v in cells.items() if v[0] != convergence.SETTLED}
+    statuses = {status for status, _ in unsettled.values()}
+    if not unsettled:
+        return ""
+    if len(unsettled) == len(cells) and len(statuses) == 1:
+        return f"none of its {len(cells)} cells (likelihood × β) had settled: all {statuses.pop()}"
+    parts = []
+    for status in (convergence.MOVING, convergence.CANNOT_TELL):
+        these = [f"{lik} at β = {beta:g} ({flag.split(': ', 1)[-1]})"
+                 for (lik, beta), (st, flag) in unsettled.items() if st == status]
+        if these:
+            parts.append(f"{status}: " + ", ".join(these))
+    return "; ".join(parts)
+
+
 def matched_rate_pairs(frame: pd.DataFrame, favoured: str, rival: str):
-    """Per seed (and latent_dim): SSE of each likelihood's curve across beta, averaged over
-    the rates both curves reach. Returns two matched lists."""
-    units = [c for c in ("seed", "latent_dim") if c in frame]
+    """Per seed (and latent_dim, budget): SSE of each likelihood's curve across beta, averaged
+    over the rates both curves reach. Returns two matched lists."""
+    units = [c for c in ("seed", "latent_dim", "epochs") if c in frame]
     a, b = [], []
     for _, unit in frame.groupby(units):
         curves = [unit[unit["likelihood"] == lik] for lik in (favoured, rival)]
@@ -206,13 +250,16 @@ class Claim:
     favoured: str
     rival: str
     calibrated: tuple[str, str]
-    """(favoured, rival) of the comparison with a learned, calibrated sigma."""
+    """(favoured, rival) of the comparison with a calibrated sigma (the sigma-VAE's)."""
+    learned: tuple[str, str]
+    """(favoured, rival) with a sigma learned by Adam: reported beside, outside Rule 3."""
 
 
 CLAIMS = [
-    Claim("mnist", "BCE suits MNIST", "bernoulli", "gaussian", ("bernoulli", "gaussian_learned")),
+    Claim("mnist", "BCE suits MNIST", "bernoulli", "gaussian", ("bernoulli", "gaussian_optimal"),
+          ("bernoulli", "gaussian_learned")),
     Claim("fashion", "MSE suits Fashion-MNIST", "gaussian", "bernoulli",
-          ("gaussian_learned", "bernoulli")),
+          ("gaussian_optimal", "bernoulli"), ("gaussian_learned", "bernoulli")),
 ]
 
 
@@ -221,6 +268,9 @@ class ClaimVerdict:
     claim: Claim
     primary: Comparison
     calibrated: Comparison
+    learned: Comparison
+    beta: str = POOLED
+    """`pooled`, or `β = <value>` for the pairs at one beta only."""
 
     @property
     def verdict(self) -> str:
@@ -230,48 +280,106 @@ class ClaimVerdict:
             return p
         return MIXED
 
+    @property
+    def unsettled(self) -> str:
+        """The cells behind the two comparisons of Rule 3 that had not settled ('' if none)."""
+        return describe_unsettled({**self.primary.cells, **self.calibrated.cells})
+
     def sentences(self) -> list[str]:
         name = DATASET_LABELS.get(self.claim.dataset, self.claim.dataset)
+        where = "" if self.beta == POOLED else f" at {self.beta}"
         p, c = self.primary.verdict, self.calibrated.verdict
-        out = [f"On {name}, the evidence {self._verb()} “{self.claim.text}”."]
+        out = [f"On {name}{where}, the evidence {self._verb()} “{self.claim.text}”."]
         out.append(f"As people write it — {self.primary.summary()}")
-        out.append(f"With a calibrated σ — {self.calibrated.summary()}")
+        out.append(f"With a calibrated σ (σ-VAE) — {self.calibrated.summary()}")
         if c != INSUFFICIENT:
             if p != SUPPORTS and c == SUPPORTS:
-                out.append("The claim holds only with a calibrated σ (gaussian_learned), "
+                out.append("The claim holds only with a calibrated σ (gaussian_optimal), "
                            "not with a fixed σ² = ½.")
             elif p == SUPPORTS and c != SUPPORTS:
-                out.append("The claim holds against a fixed σ² = ½ but not once σ is learned.")
+                out.append("The claim holds against a fixed σ² = ½ but not once σ is "
+                           "calibrated.")
+        out.append(self.learned_sentence())
+        if self.unsettled:
+            out.append("Not every cell behind this verdict had settled, so it may change with "
+                       f"longer training: {self.unsettled}.")
         return out
+
+    def learned_sentence(self) -> str:
+        lv, cv = self.learned.verdict, self.calibrated.verdict
+        if self.learned.absent:
+            return f"With a learned σ — {self.learned.summary()}"
+        same = "the same as" if lv == cv else "unlike"
+        text = (f"With a learned σ — {self.learned.summary()} Its verdict ({lv}) is {same} "
+                f"the σ-VAE's ({cv}).")
+        unsettled = describe_unsettled(self.learned.cells)
+        return text + (f" Its cells not settled: {unsettled}." if unsettled else "")
 
     def _verb(self) -> str:
         return {SUPPORTS: "supports", CONTRADICTS: "contradicts",
                 MIXED: "is mixed on", INSUFFICIENT: "is insufficient to judge"}[self.verdict]
 
 
-def claim_verdict(frame: pd.DataFrame, claim: Claim) -> ClaimVerdict:
-    """The verdict on `claim` from the finished loss_choice runs in `frame`."""
+def claim_verdict(frame: pd.DataFrame, claim: Claim, metrics=METRICS,
+                  beta: str = POOLED) -> ClaimVerdict:
+    """The verdict on `claim` from the finished loss_choice runs in `frame` (all pooled)."""
     return ClaimVerdict(
         claim,
-        compare(frame, claim.dataset, claim.favoured, claim.rival),
-        compare(frame, claim.dataset, *claim.calibrated),
+        compare(frame, claim.dataset, claim.favoured, claim.rival, metrics),
+        compare(frame, claim.dataset, *claim.calibrated, metrics),
+        compare(frame, claim.dataset, *claim.learned, metrics),
+        beta,
     )
+
+
+def claim_verdicts(frame: pd.DataFrame, claim: Claim, metrics=METRICS) -> list[ClaimVerdict]:
+    """The verdict on `claim` at each beta of its dataset's runs, then pooled over beta."""
+    betas = sorted(set(frame.loc[frame["dataset"] == claim.dataset, "beta"].dropna()))
+    out = [claim_verdict(frame[frame["beta"] == b], claim, metrics, f"β = {b:g}") for b in betas]
+    return [*out, claim_verdict(frame, claim, metrics)]
+
+
+def per_beta_sentence(by_beta: list[ClaimVerdict]) -> str:
+    """How the per-beta verdicts of one claim compare with the pooled one."""
+    pooled = next(v for v in by_beta if v.beta == POOLED)
+    each = [v for v in by_beta if v.beta != POOLED]
+    if not each:
+        return ""
+    name = DATASET_LABELS.get(pooled.claim.dataset, pooled.claim.dataset)
+    parts = "; ".join(f"at {v.beta} {v.verdict} ({v.primary.pairs} pairs)" for v in each)
+    text = (f"“{pooled.claim.text}” on {name}, per β: {parts}; pooled over β: "
+            f"{pooled.verdict} ({pooled.primary.pairs} pairs).")
+    testable = {v.verdict for v in each if v.verdict != INSUFFICIENT}
+    if len(testable) > 1:
+        text += (" The per-β verdicts disagree: the pooled verdict averages over a dependence "
+                 "on β, and the per-β ones are the ones to read.")
+    elif len(each) > 1 and testable and testable != {pooled.verdict}:
+        text += " Every β that could be tested agrees, and the pooled verdict differs from them."
+    elif len(each) > 1 and testable == {pooled.verdict}:
+        text += " The βs that could be tested agree with the pooled verdict."
+    return text
 
 
 def rules_text() -> list[str]:
     """The rules as the report states them, with this module's constants."""
     return [
-        f"A metric: runs of the two likelihoods are paired when they share dataset, β, seed "
-        f"and latent_dim; with at least {MIN_PAIRS} pairs a two-sided paired t-test at "
-        f"α = {ALPHA} decides whether the metric favours the claim, goes against it, or "
-        f"shows no difference (the Wilcoxon signed-rank p and Cohen's d_z are reported "
+        f"A metric: runs of the two likelihoods are paired when they share dataset, β, seed, "
+        f"latent_dim and budget (epochs); with at least {MIN_PAIRS} pairs a two-sided paired "
+        f"t-test at α = {ALPHA} decides whether the metric favours the claim, goes against it, "
+        f"or shows no difference (the Wilcoxon signed-rank p and Cohen's d_z are reported "
         f"alongside); fewer pairs: insufficient data.",
         "A comparison: supports when more than half of the tested metrics favour the claim "
         "and none goes against it; contradicts when more than half go against it and none "
         "favours it; insufficient data when no metric could be tested; mixed otherwise.",
         "The claim: the comparison with the rival as people write it (Gaussian with fixed "
-        "σ² = ½, i.e. plain SSE) decides; when the calibrated comparison (a shared learned σ) "
-        "was run and reaches a different verdict, the claim is mixed.",
+        "σ² = ½, i.e. plain SSE) decides; when the calibrated comparison (the σ-VAE's Gaussian, "
+        "one shared σ set in closed form to the batch MSE) was run and reaches a different "
+        "verdict, the claim is mixed. The Gaussian whose σ is learned by Adam is compared the "
+        "same way and reported beside it, outside this rule.",
+        "Per β and pooled: each verdict is computed on the pairs at each β alone and on all "
+        "pairs pooled over β. The pooled verdict is the headline; the per-β verdicts stand "
+        "beside it, so the pairs at one β cannot outvote those at another unseen. At a single "
+        "β the SSE at matched rate has no curve to interpolate and is left out.",
         "Metrics: " + "; ".join(
             f"{m.label} ({'lower' if m.lower_is_better else 'higher'} is better)"
             for m in METRICS) + f"; and {MATCHED_RATE.label}: for each seed, the SSE of each "
@@ -279,4 +387,6 @@ def rules_text() -> list[str]:
         "(test KL) and averaged over the rates both curves reach, paired over seeds (this "
         "compares the likelihoods at equal KL instead of equal β). Metrics the runs did not "
         "log are left out of the count.",
+        convergence.rules_text() + " A verdict names the cells it rests on that had not "
+        "settled.",
     ]
