@@ -43,7 +43,8 @@ def to_png(fig: Figure) -> bytes:
 def palette(names) -> dict:
     """One stable colour per name (likelihoods keep their colour across figures)."""
     colours = sns.color_palette("colorblind", 10)
-    order = ["bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli", "laplace"]
+    order = ["bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli", "laplace",
+             "gaussian_optimal"]
     out = {}
     for i, name in enumerate(names):
         out[name] = colours[order.index(name) if name in order else (5 + i) % 10]
@@ -197,6 +198,29 @@ def metric_by_beta(runs: pd.DataFrame, metrics: list[tuple], datasets, likelihoo
                               dodge=0.3 if len(hues) > 1 else False, ax=axes[i, j],
                               markersize=4, capsize=0.1, legend=(i == 0 and j == 0))
                 axes[i, j].set(title=name, xlabel="β", ylabel=label)
+    return fig
+
+
+def sigma_over_training(hist: pd.DataFrame, datasets, colours: dict) -> Figure:
+    """hist: dataset, likelihood (label), beta, step (epoch), value (sigma); one column per
+    dataset, one row per beta, hue likelihood (colours: label -> colour); 95% t-intervals
+    across seeds."""
+    betas = sorted(hist["beta"].unique())
+    likelihoods = list(colours)
+    with _style():
+        fig, axes = _grid(len(betas), len(datasets), 4.6, 3.1)
+        for i, beta in enumerate(betas):
+            for j, name in enumerate(datasets):
+                ax = axes[i, j]
+                sub = hist[(hist["dataset"] == name) & (hist["beta"] == beta)]
+                if not sub.empty:
+                    sns.lineplot(data=sub, x="step", y="value", hue="likelihood",
+                                 hue_order=[h for h in likelihoods if h in set(sub["likelihood"])],
+                                 palette=colours, errorbar=t_interval, marker=".", ax=ax)
+                    ax.set_yscale("log")
+                    ax.legend(fontsize="small", title=None)
+                ax.set(title=f"{name}, β = {beta:g}", xlabel="epoch", ylabel="σ")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 

@@ -28,6 +28,8 @@ class Context:
     ui_url: str
     render_md: Callable[..., str] | None = None
     threshold: float = COLLAPSE_THRESHOLD
+    every_profile: RunStore | None = None
+    """Every profile's runs in the store (not read yet by this report). None: `store`."""
 
 
 def _is_variant(runs: pd.DataFrame) -> pd.Series:

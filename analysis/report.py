@@ -115,27 +115,31 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
                   collapse_threshold: float = kl_dynamics.COLLAPSE_THRESHOLD,
                   profile: str | None = None) -> list[Path]:
     """Read the runs (of `profile`, when given), build the reports (the reproduction only
-    when its runs exist) and the index under `out`; the paths written.
+    when its runs exist) and the index under `out`; the paths written. Every profile is read
+    once: the budget ladder and the default-versus-long table use the long profile's runs
+    whatever `profile` says.
 
     Every page and figure is written to a staging folder inside `out` first and moved into
     place only once all were built, index.html last: a build that is killed leaves the
     previous build's pages whole (its staging folder is removed by the next build)."""
-    store = load_runs(tracking_uri, profile)
+    everything = load_runs(tracking_uri)
+    store = everything.only(profile) if profile is not None else everything
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     staging = out / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
-        built = build_into(staging, store, ui_url, Path(data_root), collapse_threshold)
+        built = build_into(staging, store, ui_url, Path(data_root), collapse_threshold,
+                           everything)
         return publish(staging, out, built)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_into(folder: Path, store: RunStore, ui_url: str, data_root: Path,
-               collapse_threshold: float) -> list[Path]:
+               collapse_threshold: float, everything: RunStore | None = None) -> list[Path]:
     """Every report, its figures and the index written under `folder`; their paths relative
-    to it, index.html last."""
+    to it, index.html last. `everything`: every profile's runs (default: `store`)."""
     html_env, md_env = environments()
 
     def render_md(name, **values):
@@ -143,9 +147,9 @@ def build_into(folder: Path, store: RunStore, ui_url: str, data_root: Path,
 
     evidence, data_problem = read_evidence(data_root)
     loss_report, verdict_rows = loss_choice.build(loss_choice.Context(
-        store, ui_url, evidence, data_problem, render_md))
+        store, ui_url, evidence, data_problem, render_md, everything))
     kl_report = kl_dynamics.build(kl_dynamics.Context(
-        store, ui_url, render_md, collapse_threshold))
+        store, ui_url, render_md, collapse_threshold, everything))
     reports = [loss_report, kl_report]
     repro_report = reproduction.build(reproduction.Context(store, render_md))
     if repro_report is not None:

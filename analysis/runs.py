@@ -174,6 +174,21 @@ class RunStore:
         frame = self._of(study)
         return frame[frame["duplicate_of"].notna()].copy()
 
+    def only(self, profile: str) -> RunStore:
+        """The runs tagged with `profile` (sharing this store's fetched histories);
+        UsageError when there are none."""
+        tagged = self.frame.get("tag/profile")
+        kept = self.frame[tagged == profile] if tagged is not None else self.frame.iloc[0:0]
+        if kept.empty:
+            found = sorted(tagged.dropna().unique()) if tagged is not None else []
+            raise UsageError(
+                f"no trial runs of profile {profile!r} in {redact(self.tracking_uri)} (found: "
+                f"{', '.join(found) or 'none'}); run `make study PROFILE={profile}` or pass "
+                f"PROFILE=<one of those>"
+            )
+        kept = kept.reset_index(drop=True)
+        return RunStore(self.tracking_uri, kept, _experiments_by_study(kept), self._histories)
+
     def _of(self, study: str | list[str]) -> pd.DataFrame:
         names = [study] if isinstance(study, str) else list(study)
         return self.frame[self.frame["study"].isin(names)]
@@ -219,7 +234,8 @@ class RunStore:
 
 def load_runs(tracking_uri: str, profile: str | None = None) -> RunStore:
     """Every trial run in the store at `tracking_uri` (only those tagged with `profile`, when
-    given, so smoke and default runs in one store are not mixed); UsageError when none."""
+    given, so smoke and default runs in one store are not mixed: RunStore.only); UsageError
+    when none."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -237,24 +253,15 @@ def load_runs(tracking_uri: str, profile: str | None = None) -> RunStore:
         with _tracking_uri(tracking_uri):
             raw = mlflow.search_runs(experiment_ids=list(names), output_format="pandas")
     frame = tidy(raw, names)
-    if profile is not None and not frame.empty:
-        tagged = frame.get("tag/profile")
-        kept = frame[tagged == profile] if tagged is not None else frame.iloc[0:0]
-        if kept.empty:
-            found = sorted(tagged.dropna().unique()) if tagged is not None else []
-            raise UsageError(
-                f"no trial runs of profile {profile!r} in {redact(tracking_uri)} (found: "
-                f"{', '.join(found) or 'none'}); run `make study PROFILE={profile}` or pass "
-                f"PROFILE=<one of those>"
-            )
-        frame = kept.reset_index(drop=True)
     if frame.empty:
         raise UsageError(
             f"no trial runs in {redact(tracking_uri)}; run `make study` "
             f"(or `make study STUDY=loss_choice`) first"
         )
-    studies = set(frame["study"])
-    experiments_by_study = {
-        study: str(frame.loc[frame["study"] == study, "experiment_id"].iloc[0]) for study in studies
-    }
-    return RunStore(tracking_uri, frame, experiments_by_study)
+    store = RunStore(tracking_uri, frame, _experiments_by_study(frame))
+    return store if profile is None else store.only(profile)
+
+
+def _experiments_by_study(frame: pd.DataFrame) -> dict[str, str]:
+    return {study: str(frame.loc[frame["study"] == study, "experiment_id"].iloc[0])
+            for study in set(frame["study"])}

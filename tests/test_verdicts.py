@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from analysis import convergence, stats, verdicts
+from analysis import convergence, loss_choice_verdicts, stats, verdicts
 from analysis.evidence import loss_scale_audit
 from analysis.kl_dynamics import collapse
 from analysis.runs import redact
@@ -309,6 +309,10 @@ def test_per_beta_verdicts_stand_beside_the_pooled_one():
     assert text.startswith("“BCE suits MNIST” on MNIST, per β: at β = 1 supports (3 pairs); at "
                            "β = 4 contradicts (3 pairs); pooled over β: mixed (6 pairs).")
     assert "The per-β verdicts disagree" in text
+    table = loss_choice_verdicts.verdict_table({claim("mnist"): by_beta})
+    assert list(table["β"]) == ["β = 1", "β = 4", "pooled"]
+    assert list(table["verdict"]) == ["supports", "contradicts", "mixed"]
+    assert set(table["cells not settled"]) == {"settled"}
 
 
 def test_per_beta_verdicts_that_agree_say_so():
