@@ -1,7 +1,8 @@
 """The KL-dynamics report: how the KL term evolves over training for each beta, which latent
-dimensions collapse, how many units stay active as latent_dim grows, what KL warm-up and
-free bits change, and where the runs sit in the rate-distortion plane. Sentences about
-results are generated from the numbers here."""
+dimensions collapse, how many units stay active as latent_dim grows, whether collapse shows at
+the largest β and latent_dim, what KL warm-up and free bits change there, where the runs sit
+in the rate-distortion plane, and the budget ladder. Sentences about results are generated
+from the numbers here; none reads a trend into runs that had not settled."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis import figures, stats, tables
-from analysis.blocks import Figure, Markdown, Missing, Notice, Report, Section, Table, Text, ci_text
+from analysis import budgets, convergence, figures, kl_collapse, kl_remedies, ladder, stats, tables
+from analysis.blocks import Figure, Markdown, Missing, Notice, Report, Section, Text
 from analysis.runs import RunStore
 
 STUDY = "kl_dynamics"
 SEARCH_STUDIES = ("search_mnist", "search_fashion")
 COLLAPSE_THRESHOLD = 0.01
 """A latent dimension has collapsed when its KL is below this many nats."""
-SATURATION_TOLERANCE = 1.0
-"""Active units saturate at the smallest latent_dim within this many units of the maximum."""
+collapse = kl_collapse.collapse  # the per-dimension count, tested on its own
+variant_label = kl_remedies.variant_label
 
 
 @dataclass
@@ -29,23 +30,11 @@ class Context:
     render_md: Callable[..., str] | None = None
     threshold: float = COLLAPSE_THRESHOLD
     every_profile: RunStore | None = None
-    """Every profile's runs in the store (not read yet by this report). None: `store`."""
+    """Every profile's runs in the store (the ladder reads the long ones). None: `store`."""
 
-
-def _is_variant(runs: pd.DataFrame) -> pd.Series:
-    warm = runs.get("beta_schedule", pd.Series("constant", index=runs.index)) != "constant"
-    free = pd.to_numeric(runs.get("free_bits", pd.Series(0.0, index=runs.index))) > 0
-    return warm | free
-
-
-def variant_label(run) -> str:
-    parts = []
-    if run.get("beta_schedule", "constant") != "constant":
-        unit = run.get("schedule_unit", "step")
-        parts.append(f"{run['beta_schedule']} warm-up over {run.get('warmup', 0):g} {unit}s")
-    if float(run.get("free_bits", 0) or 0) > 0:
-        parts.append(f"free bits λ = {run['free_bits']:g}")
-    return " + ".join(parts) or "constant β"
+    @property
+    def all_runs(self) -> RunStore | None:
+        return self.every_profile if self.every_profile is not None else self.store
 
 
 def reference_latent(base: pd.DataFrame) -> dict[str, int]:
@@ -55,16 +44,6 @@ def reference_latent(base: pd.DataFrame) -> dict[str, int]:
         counts = sub["latent_dim"].value_counts()
         out[d] = int(max(counts[counts == counts.max()].index))
     return out
-
-
-def collapse(kl: pd.DataFrame, threshold: float) -> tuple[int, int | None]:
-    """kl: dims x epochs. (dims below `threshold` after the last epoch, the first epoch
-    after which at least that many were below it; None when none collapsed)."""
-    counts = (kl < threshold).sum()
-    final = int(counts.iloc[-1])
-    if final == 0:
-        return 0, None
-    return final, int(counts.index[(counts >= final).values.argmax()])
 
 
 def _hist(ctx: Context, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -81,15 +60,10 @@ def _range(values) -> str:
     return f"a rate of {lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"rates {lo:.3g}–{hi:.3g}"
 
 
-def kl_sections(ctx: Context, base: pd.DataFrame, ref: dict[str, int]) -> list[Section]:
-    store, ui = ctx.store, ctx.ui_url
-    datasets = tables.ordered_datasets(ref)
-    at_ref = base[base.apply(lambda r: r["latent_dim"] == ref[r["dataset"]], axis=1)]
-    names = [tables.dataset_label(d) for d in datasets]
-    sections = []
-
-    # --- KL over training
+def kl_over_training_section(ctx: Context, at_ref: pd.DataFrame, ref: dict[str, int]) -> Section:
     section = Section("KL over training, by β")
+    datasets = tables.ordered_datasets(ref)
+    names = [tables.dataset_label(d) for d in datasets]
     hist = _hist(ctx, at_ref, ["val/kl", "step/train_kl"])
     hist["dataset"] = hist["dataset"].map(tables.dataset_label)
     section.blocks.append(Figure(
@@ -101,206 +75,31 @@ def kl_sections(ctx: Context, base: pd.DataFrame, ref: dict[str, int]) -> list[S
         figures.to_png(figures.curves_by_beta(
             hist, [("val/kl", "epoch", "validation KL (nats)"),
                    ("step/train_kl", "step (first epoch)", "training KL (nats)")], names)),
-        tables.links(at_ref, ui)))
+        tables.links(at_ref, ctx.ui_url)))
     for d, n in zip(datasets, names, strict=True):
-        sub = hist[hist["dataset"] == n]
-        for beta, g in sub.groupby("beta"):
-            epochs = g[g["key"] == "val/kl"].groupby("step")["value"].mean()
-            steps = g[g["key"] == "step/train_kl"].groupby("step")["value"].mean()
-            if epochs.empty:
-                continue
-            text = (f"{n}, latent_dim {ref[d]}, β = {beta:g}: the validation KL is "
-                    f"{epochs.iloc[0]:.3g} nats after epoch {epochs.index[0]}")
-            if len(epochs) > 1:
-                text += f" and {epochs.iloc[-1]:.3g} after epoch {epochs.index[-1]}"
-            if not steps.empty and steps.idxmax() == steps.index[-1]:
-                text += (f"; in the first epoch the training KL rises to {steps.iloc[-1]:.3g} "
-                         f"nats by step {steps.index[-1]}, its highest value")
-            elif not steps.empty:
-                text += (f"; in the first epoch the training KL peaks at {steps.max():.3g} nats "
-                         f"at step {steps.idxmax()} and ends the epoch at {steps.iloc[-1]:.3g}")
-            section.blocks.append(Text(text + "."))
-    sections.append(section)
-
-    # --- per-dimension KL, collapse
-    section = Section("Per-dimension KL and collapsed dimensions")
-    dim_cols = tables.kl_dim_columns(base)
-    mats, used, sentences = [], [], []
-    for d, n in zip(datasets, names, strict=True):
-        sub = at_ref[at_ref["dataset"] == d]
-        for beta, g in sub.groupby("beta"):
-            run = g.sort_values("seed").iloc[0]
-            cols = [c for c in dim_cols if pd.notna(run.get(c))]
-            h = store.history([run["run_id"]], cols)
-            if h.empty:
-                continue
-            mat = h.pivot_table(index="key", columns="step", values="value")
-            mat = mat.loc[mat.iloc[:, -1].sort_values(ascending=False).index]
-            mat.index = [k.rsplit("_", 1)[-1] for k in mat.index]
-            mats.append((n, tables.beta_label(beta), mat))
-            used.append(run)
-            final, by = collapse(mat, ctx.threshold)
-            z = len(mat)
-            if final:
-                sentences.append(
-                    f"{n}, β = {beta:g} (seed {run['seed']:g}): {final} of {z} dimensions had "
-                    f"collapsed (KL < {ctx.threshold:g} nats) by epoch {by} of "
-                    f"{int(mat.columns[-1])}.")
-            else:
-                sentences.append(
-                    f"{n}, β = {beta:g} (seed {run['seed']:g}): none of the {z} dimensions "
-                    f"collapsed (every final KL ≥ {ctx.threshold:g} nats; the smallest is "
-                    f"{mat.iloc[:, -1].min():.3g}).")
-    if mats:
-        section.blocks.append(Figure(
-            "kl_heatmaps", "Per-dimension KL over training",
-            f"Validation KL of each latent dimension (rows, sorted by final KL) after each "
-            f"epoch, log colour scale; values below {ctx.threshold:g} nats (collapsed) are "
-            f"dark. One run per dataset and β (lowest seed, latent_dim as above).",
-            figures.to_png(figures.kl_heatmaps(mats, ctx.threshold)),
-            tables.links(pd.DataFrame(used), ui)))
-        section.blocks.extend(Text(s) for s in sentences)
-    rows = []
-    for _, r in base.iterrows():
-        vals = r[dim_cols].dropna().astype(float)
-        rows.append({"dataset": r["dataset"], "beta": r["beta"],
-                     "latent_dim": int(r["latent_dim"]),
-                     "run_id": r["run_id"], "collapsed": int((vals < ctx.threshold).sum()),
-                     "collapsed_share": float((vals < ctx.threshold).mean()) if len(vals) else 0.0,
-                     "active": r.get("val/active_units", float("nan"))})
-    finals = pd.DataFrame(rows)
-    if not finals.empty and dim_cols and not finals["collapsed"].any():
-        section.blocks.append(Text(
-            f"No run has a collapsed dimension (final KL < {ctx.threshold:g} nats) at the end "
-            "of training."))
-    elif not finals.empty and dim_cols:
-        shown = finals.assign(dataset=finals["dataset"].map(tables.dataset_label))
-        section.blocks.append(Figure(
-            "collapsed_share", "Share of collapsed dimensions at the end of training",
-            f"Share of latent dimensions with final validation KL < {ctx.threshold:g} nats, by "
-            "β and latent_dim; mean across seeds with 95% t-intervals.",
-            figures.to_png(figures.collapsed_share(shown, names)),
-            tables.links(base, ui)))
-    if not finals.empty and dim_cols:
-        table = []
-        for (d, beta, z), g in finals.groupby(["dataset", "beta", "latent_dim"]):
-            c, a = stats.mean_ci(g["collapsed"]), stats.mean_ci(g["active"])
-            table.append({"dataset": tables.dataset_label(d), "β": beta, "latent_dim": z,
-                          "seeds": len(g),
-                          "collapsed dims [95% CI]": ci_text(c["mean"], c["lo"], c["hi"], 3),
-                          "active units [95% CI]": ci_text(a["mean"], a["lo"], a["hi"], 3)})
-        section.blocks.append(Table.from_frame(pd.DataFrame(table), "Final collapsed "
-                              f"dimensions (KL < {ctx.threshold:g} nats) and active units"))
-    sections.append(section)
-
-    # --- active units
-    section = Section("Active units")
-    au_hist = _hist(ctx, at_ref, ["val/active_units"])
-    au_hist["dataset"] = au_hist["dataset"].map(tables.dataset_label)
-    fin = finals.dropna(subset=["active"]).assign(
-        dataset=lambda f: f["dataset"].map(tables.dataset_label),
-        beta_label=lambda f: f["beta"].map(tables.beta_label))
-    if not au_hist.empty or not fin.empty:
-        section.blocks.append(Figure(
-            "active_units", "Active units over training and against latent_dim",
-            "Left: active units (Cov_x E_q[z_u] > 0.01) on the validation split after each "
-            "epoch, by β, at the reference latent_dim. Right: final active units against "
-            "latent_dim; the dashed line is latent_dim itself (every unit active). Means across "
-            "seeds with 95% t-intervals.",
-            figures.to_png(figures.active_units(au_hist, fin, names)),
-            tables.links(base, ui)))
-        section.blocks.extend(Text(s) for s in saturation_sentences(finals))
-    sections.append(section)
-    return sections
+        for beta, g in hist[hist["dataset"] == n].groupby("beta"):
+            text = kl_sentence(g, f"{n}, latent_dim {ref[d]}, β = {beta:g}")
+            if text:
+                section.blocks.append(Text(text))
+    return section
 
 
-def saturation_sentences(finals: pd.DataFrame) -> list[str]:
-    out = []
-    for (d, beta), g in finals.dropna(subset=["active"]).groupby(["dataset", "beta"]):
-        means = g.groupby("latent_dim")["active"].mean().sort_index()
-        name = tables.dataset_label(d)
-        pairs = ", ".join(f"{m:.3g} at {int(z)}" for z, m in means.items())
-        if len(means) < 2:
-            out.append(f"{name}, β = {beta:g}: {pairs} active units; one latent_dim only, so "
-                       "saturation cannot be read.")
-            continue
-        top = means.max()
-        sat = int(means.index[(means >= top - SATURATION_TOLERANCE).values.argmax()])
-        rising = sat == means.index[-1] and means.iloc[-1] - means.iloc[-2] > SATURATION_TOLERANCE
-        tail = (f"still rising at the largest latent_dim ({int(means.index[-1])})" if rising else
-                f"saturating from latent_dim = {sat} (within {SATURATION_TOLERANCE:g} unit of "
-                f"the maximum, {top:.3g})")
-        out.append(f"{name}, β = {beta:g}: final active units {pairs} (mean across seeds, "
-                   f"by latent_dim); {tail}.")
-    return out
-
-
-def variant_section(ctx: Context, runs: pd.DataFrame) -> tuple[Section, list[Missing]]:
-    section = Section("KL warm-up and free bits")
-    store, ui = ctx.store, ctx.ui_url
-    variants = runs[_is_variant(runs)]
-    base = runs[~_is_variant(runs)]
-    missing = []
-    has_warm = (variants.get("beta_schedule", pd.Series(dtype=str)) != "constant").any()
-    has_free = (pd.to_numeric(variants.get("free_bits", pd.Series(dtype=float))) > 0).any()
-    for flag, what in ((has_warm, "a KL warm-up variant (beta_schedule=linear, warmup>0)"),
-                       (has_free, "a free-bits variant (free_bits>0)")):
-        if not flag:
-            missing.append(Missing(f"kl_dynamics has no finished run of {what}",
-                                   tables.make_command(STUDY)))
-    if variants.empty:
-        section.blocks.append(Notice("no warm-up or free-bits runs in kl_dynamics.",
-                                     tables.make_command(STUDY)))
-        return section, missing
-    keys = ["dataset", "likelihood", "beta", "latent_dim"]
-    groups, members = [], []
-    for key, g in variants.groupby(keys):
-        match = base
-        for k, v in zip(keys, key, strict=True):
-            match = match[match[k] == v]
-        match = match[match["seed"].isin(g["seed"])]
-        label = (f"{tables.dataset_label(key[0])}, {key[1]}, β = {key[2]:g}, "
-                 f"latent_dim {key[3]:g}")
-        both = pd.concat([match, g])
-        both = both.assign(variant=[variant_label(r) for _, r in both.iterrows()], group=label)
-        groups.append(both)
-        members.append(both)
-    allruns = pd.concat(members)
-    h = store.history(allruns["run_id"], ["val/kl", "val/active_units", "val/recon"])
-    h = h.merge(allruns[["run_id", "variant", "group"]], on="run_id")
-    section.blocks.append(Figure(
-        "warmup_free_bits", "KL warm-up and free bits against constant β",
-        "Validation KL and active units after each epoch for each variant and the constant-β "
-        "runs with the same dataset, likelihood, β, latent_dim and seeds; means across seeds "
-        "with 95% t-intervals.",
-        figures.to_png(figures.variants(h, [("val/kl", "validation KL (nats)"),
-                                            ("val/active_units", "active units")])),
-        tables.links(allruns, ui)))
-    rows = []
-    for both in groups:
-        for variant, g in both.groupby("variant", sort=False):
-            row = {"setting": g["group"].iloc[0], "variant": variant, "seeds": len(g)}
-            for col, label in (("val/kl", "final KL"), ("val/active_units", "active units"),
-                               ("val/recon", "final recon"), ("val/nelbo", "final −ELBO")):
-                m = stats.mean_ci(g[col]) if col in g else stats.mean_ci([])
-                row[label] = ci_text(m["mean"], m["lo"], m["hi"], 4)
-            rows.append(row)
-        const = both[both["variant"] == "constant β"]
-        for variant, g in both[both["variant"] != "constant β"].groupby("variant"):
-            if const.empty:
-                section.blocks.append(Text(
-                    f"{both['group'].iloc[0]}: {variant} has no constant-β run with the same "
-                    "setting and seeds to compare with."))
-                continue
-            section.blocks.append(Text(
-                f"{both['group'].iloc[0]}: with {variant} the final validation KL is "
-                f"{g['val/kl'].mean():.3g} nats against {const['val/kl'].mean():.3g} with "
-                f"constant β; active units {g['val/active_units'].mean():.3g} against "
-                f"{const['val/active_units'].mean():.3g}; negative ELBO "
-                f"{g['val/nelbo'].mean():.4g} against {const['val/nelbo'].mean():.4g} nats."))
-    section.blocks.append(Table.from_frame(pd.DataFrame(rows), "Final values, means across "
-                                           "seeds with 95% t-intervals"))
-    return section, missing
+def kl_sentence(g: pd.DataFrame, head: str) -> str:
+    """The validation KL after the first and last epochs and the first epoch's training KL."""
+    epochs = g[g["key"] == "val/kl"].groupby("step")["value"].mean()
+    steps = g[g["key"] == "step/train_kl"].groupby("step")["value"].mean()
+    if epochs.empty:
+        return ""
+    text = f"{head}: the validation KL is {epochs.iloc[0]:.3g} nats after epoch {epochs.index[0]}"
+    if len(epochs) > 1:
+        text += f" and {epochs.iloc[-1]:.3g} after epoch {epochs.index[-1]}"
+    if not steps.empty and steps.idxmax() == steps.index[-1]:
+        text += (f"; in the first epoch the training KL rises to {steps.iloc[-1]:.3g} "
+                 f"nats by step {steps.index[-1]}, its highest value")
+    elif not steps.empty:
+        text += (f"; in the first epoch the training KL peaks at {steps.max():.3g} nats "
+                 f"at step {steps.idxmax()} and ends the epoch at {steps.iloc[-1]:.3g}")
+    return text + "."
 
 
 def rd_section(ctx: Context) -> tuple[Section, list[Missing]]:
@@ -394,48 +193,114 @@ def elbo_section(ctx: Context, base: pd.DataFrame, ref: dict[str, int]) -> Secti
     return section
 
 
+def design_section(runs: pd.DataFrame, base: pd.DataFrame, ref: dict[str, int],
+                   ladder_result) -> Section:
+    return Section("Design and budget", [Text(
+        f"{len(runs)} finished runs ({len(base)} with constant β and no free bits): "
+        f"datasets {tables.values_text(runs['dataset'])}; likelihoods "
+        f"{tables.values_text(runs['likelihood'])}; β {tables.values_text(runs['beta'])}; "
+        f"latent_dim {tables.values_text(runs['latent_dim'])}; seeds "
+        f"{tables.values_text(runs['seed'])}; epochs {tables.values_text(runs['epochs'])}. "
+        f"Views by β use latent_dim "
+        + ", ".join(f"{ref[d]} on {tables.dataset_label(d)}" for d in tables.ordered_datasets(ref))
+        + " (the one run most often)."), Text(budgets.profile_text(runs)),
+        Text(ladder.budget_sentence(runs, ladder_result)),
+        Text(convergence.rules_text() + " Every table below flags its cells; sentences about "
+             "runs that had not settled say what cannot be told instead of reading a trend.")])
+
+
+def _ladder_labels(cells: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"dataset": cells["dataset"].map(tables.dataset_label),
+                         "β": cells["beta"], "latent_dim": cells["latent_dim"],
+                         "variant": cells["remedy"]})
+
+
+def _ladder_verdicts(frame: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Collapse (mean active units at least a unit below latent_dim) per cell."""
+    out = {}
+    for (d, beta, z, remedy), g in frame.groupby(["dataset", "beta", "latent_dim", "remedy"]):
+        active = g["val/active_units"].mean() if "val/active_units" in g else float("nan")
+        if active == active:
+            out[(f"{tables.dataset_label(d)}, β = {beta:g}, latent_dim {z}", remedy)] = \
+                "collapse" if active <= z - kl_collapse.COLLAPSE_MARGIN else "no collapse"
+    return out
+
+
+LADDER = ladder.LadderSpec(
+    study=STUDY, cells=["dataset", "beta", "latent_dim", "remedy"], labels=_ladder_labels,
+    metrics=[ladder.ACTIVE_UNITS, ladder.VAL_KL, ladder.VAL_SSE], verdicts=_ladder_verdicts,
+    verdict_columns=("setting", "variant"))
+
+
+def build_ladder(ctx: Context):
+    everything = ctx.all_runs
+    finished = everything.finished(STUDY) if everything is not None else pd.DataFrame()
+    if finished.empty:
+        return "the store holds no finished kl_dynamics runs", None
+    finished["remedy"] = [variant_label(r) for _, r in finished.iterrows()]
+    default = budgets.default_budget(everything, STUDY)
+    extra = [default[0].epochs] if default else ()
+    return ladder.build(everything, finished, LADDER, extra), default
+
+
+def trained_sections(ctx: Context, runs: pd.DataFrame, ladder_result) -> tuple[list, list, str]:
+    """Design, KL over training, collapse, active units and remedies: (sections, missing,
+    a sentence on collapse at the largest β and latent_dim)."""
+    base = runs[~kl_remedies.is_variant(runs)]
+    ref = reference_latent(base)
+    missing = [Missing(f"kl_dynamics has no finished runs on {tables.dataset_label(d)}",
+                       tables.make_command(STUDY))
+               for d in ("mnist", "fashion") if d not in set(runs["dataset"])]
+    if base["latent_dim"].nunique() < 2:
+        missing.append(Missing("kl_dynamics covers a single latent_dim", tables.make_command(STUDY)))
+    sections = [design_section(runs, base, ref, ladder_result)]
+    cells = pd.DataFrame(columns=["dataset", "beta", "latent_dim"])
+    headline = ""
+    if not base.empty:
+        at_ref = base[base.apply(lambda r: r["latent_dim"] == ref[r["dataset"]], axis=1)]
+        datasets = tables.ordered_datasets(ref)
+        fin = kl_collapse.finals(base, ctx.threshold)
+        hist = _hist(ctx, at_ref, ["val/active_units"])
+        hist["dataset"] = hist["dataset"].map(tables.dataset_label)
+        all_cells = kl_collapse.collapse_cells(fin)
+        cells = all_cells[all_cells["collapse"]]
+        headline = kl_collapse.headline(all_cells)
+        sections += [kl_over_training_section(ctx, at_ref, ref),
+                     kl_collapse.per_dimension_section(ctx, base, at_ref, datasets, fin),
+                     kl_collapse.active_units_section(
+                         ctx, at_ref, base, [tables.dataset_label(d) for d in datasets], fin,
+                         hist),
+                     kl_collapse.largest_section(all_cells)]
+    remedies, more = kl_remedies.section(ctx, runs, cells)
+    return [*sections, remedies], missing + more, headline
+
+
 def build(ctx: Context) -> Report:
     store = ctx.store
     sections = [Section("Background", [Markdown(ctx.render_md(
         "kl_dynamics_background.md.j2", threshold=f"{ctx.threshold:g}"))])]
     missing = tables.missing_studies(store, {STUDY: "KL over training, collapse, active units"})
     runs = store.finished(STUDY) if store is not None else pd.DataFrame()
+    ladder_result, default = build_ladder(ctx)
     if runs.empty:
         sections.append(Section("KL over training", [Notice(
             "no finished runs of the kl_dynamics study.", tables.make_command(STUDY))]))
         summary = "No kl_dynamics runs yet."
     else:
-        base = runs[~_is_variant(runs)]
-        ref = reference_latent(base)
-        for d in ("mnist", "fashion"):
-            if d not in set(runs["dataset"]):
-                missing.append(Missing(f"kl_dynamics has no finished runs on "
-                                       f"{tables.dataset_label(d)}", tables.make_command(STUDY)))
-        if base["latent_dim"].nunique() < 2:
-            missing.append(Missing("kl_dynamics covers a single latent_dim",
-                                   tables.make_command(STUDY)))
-        sections.append(Section("Design", [Text(
-            f"{len(runs)} finished runs ({len(base)} with constant β and no free bits): "
-            f"datasets {tables.values_text(runs['dataset'])}; likelihoods "
-            f"{tables.values_text(runs['likelihood'])}; β {tables.values_text(runs['beta'])}; "
-            f"latent_dim {tables.values_text(runs['latent_dim'])}; seeds "
-            f"{tables.values_text(runs['seed'])}; epochs {tables.values_text(runs['epochs'])}. "
-            f"Views by β use latent_dim "
-            + ", ".join(f"{ref[d]} on {tables.dataset_label(d)}"
-                        for d in tables.ordered_datasets(ref))
-            + " (the one run most often).")]))
-        if not base.empty:
-            sections += kl_sections(ctx, base, ref)
-        variant, more = variant_section(ctx, runs)
-        sections.append(variant)
+        more_sections, more, collapsed = trained_sections(ctx, runs, ladder_result)
+        sections += more_sections
         missing += more
+        base = runs[~kl_remedies.is_variant(runs)]
         summary = (f"{len(runs)} kl_dynamics runs: KL over training for β "
                    f"{tables.values_text(base['beta'])}, collapse below {ctx.threshold:g} nats, "
-                   f"active units for latent_dim {tables.values_text(base['latent_dim'])}.")
+                   f"active units for latent_dim {tables.values_text(base['latent_dim'])}. "
+                   + (collapsed + " " if collapsed else "") + ladder.headline(ladder_result, runs))
     rd, more = rd_section(ctx)
     sections.append(rd)
     missing += more
-    if not runs.empty and not base.empty:
-        sections.append(elbo_section(ctx, base, ref))
+    base = runs[~kl_remedies.is_variant(runs)] if not runs.empty else runs
+    if not base.empty:
+        sections.append(elbo_section(ctx, base, reference_latent(base)))
+    sections.append(ladder.section(ladder_result, default))
     return Report("kl_dynamics", "KL dynamics: how the KL term behaves in training", summary,
                   tables.provenance(store, [STUDY, *SEARCH_STUDIES]), sections, missing)

@@ -1,13 +1,23 @@
 """The budget ladder, the budgets in epochs and steps, and the default-versus-long table: known
-values on constructed curves and frames (no training)."""
+values on constructed curves and frames (no training), then one end-to-end check that builds
+the reports with `python -m analysis.report` from a small real store holding runs of two
+profiles (2 and 3 epochs on tiny subsets)."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from analysis import budgets, ladder, loss_choice_verdicts, verdicts
+from analysis.kl_remedies import warmup_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- stops changing
 
@@ -49,6 +59,16 @@ def test_steps_per_epoch_from_the_params(params, images, per_epoch):
     assert budgets.train_images(row) == images
     assert budgets.steps_per_epoch(row) == per_epoch
     assert budgets.budget_of(row).steps == 10 * per_epoch
+
+
+def test_warmup_is_stated_in_epochs_and_steps():
+    row = pd.Series({"warmup": 2, "schedule_unit": "epoch", "val_size": 5000,
+                     "batch_size": 128, "epochs": 10, "train_subset": None})
+    assert "over 2 epochs = 860 optimizer steps" in warmup_text(row)
+    steps = row.copy()
+    steps.update({"warmup": 10, "schedule_unit": "step", "val_size": 500, "train_subset": 1000,
+                  "batch_size": 100})
+    assert "over 1 epoch = 10 optimizer steps" in warmup_text(steps)
 
 
 # --------------------------------------------------------------------------- a constructed ladder
@@ -176,3 +196,117 @@ def test_default_beside_long_from_a_two_profile_frame():
 
 def test_one_profile_gives_no_default_vs_long_table():
     assert loss_choice_verdicts.default_vs_long(profile_runs("full", 30, {1.0: -2.0})) is None
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def log_two_profiles(tracking_uri: str, artifact_root: Path, data_root: Path) -> None:
+    """A miniature of the two profiles, trained for real on tiny MNIST subsets and logged as
+    the runner logs them (per-epoch curves, test metrics, converge/*):
+
+    loss_choice  full: bernoulli, gaussian, gaussian_optimal, gaussian_learned x beta {1, 4}
+                 x seeds {0, 1, 2}, 3 epochs; default: the first three likelihoods, 2 epochs
+    kl_dynamics  full: beta {1, 4} x {plain, warm-up over 1 epoch, free bits} x seeds {0, 1},
+                 latent_dim 8, 3 epochs; default: the same at beta 4 (plain also at 1), 2 epochs
+    """
+    import mlflow
+    import torch
+
+    from study.config import Config
+    from study.data import load_splits
+    from study.tracking import final_metrics
+    from study.train import Callback, train
+
+    class Curves(Callback):
+        def on_epoch(self, epoch, metrics):
+            mlflow.log_metrics(metrics, step=epoch)
+
+    base = Config(data_root=str(data_root), train_subset=500, val_size=200, test_subset=200,
+                  batch_size=100, test_iw_k=5, test_iw_images=50, device="cpu", latent_dim=8)
+    lik_grid = [("full", 3, ("bernoulli", "gaussian", "gaussian_optimal", "gaussian_learned")),
+                ("default", 2, ("bernoulli", "gaussian", "gaussian_optimal"))]
+    variants = {"plain": {}, "warmup": dict(beta_schedule="linear", warmup=1,
+                                            schedule_unit="epoch"),
+                "free_bits": dict(free_bits=0.25)}
+    designs = {"loss_choice": [(p, base.replace(epochs=e, likelihood=lik, beta=b, seed=s,
+                                                latent_dim=4))
+                               for p, e, liks in lik_grid for lik in liks for b in (1.0, 4.0)
+                               for s in range(3)],
+               "kl_dynamics": [(p, base.replace(epochs=e, beta=b, seed=s, **v))
+                               for p, e in (("full", 3), ("default", 2)) for b in (1.0, 4.0)
+                               for name, v in variants.items() for s in range(2)
+                               if p == "full" or b == 4.0 or name == "plain"]}
+    previous, threads = mlflow.get_tracking_uri(), torch.get_num_threads()
+    mlflow.set_tracking_uri(tracking_uri)
+    torch.set_num_threads(1)
+    splits = {}
+    try:
+        for study, configs in designs.items():
+            exp = mlflow.create_experiment(study, (artifact_root / study).as_uri())
+            for n, (profile, config) in enumerate(configs):
+                key = config.seed
+                if key not in splits:
+                    splits[key] = load_splits("mnist", data_root, val_size=200, seed=key,
+                                              train_subset=500, test_subset=200)
+                with mlflow.start_run(experiment_id=exp, run_name=f"{study}/trial-{n:04d}",
+                                      tags={"study": study, "profile": profile}):
+                    mlflow.log_params(config.as_params())
+                    result = train(config, [Curves()], splits=splits[key])
+                    mlflow.log_metrics(final_metrics(result))
+    finally:
+        mlflow.set_tracking_uri(previous)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def two_profiles(tmp_path_factory, data_root):
+    root = tmp_path_factory.mktemp("two-profiles")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    log_two_profiles(uri, root / "artifacts", data_root)
+    out = root / "reports"
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.report", "--tracking-uri", uri, "--out", str(out),
+         "--data-root", str(root / "no-data"), "--profile", "default"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def page_text(path: Path) -> str:
+    """The text of a Markdown page with its escapes undone, for reading sentences."""
+    return re.sub(r"\\([\\`*_\[\]|])", r"\1", path.read_text(encoding="utf-8"))
+
+
+def test_reports_from_two_profiles_show_ladder_sigma_flags_and_comparison(two_profiles):
+    loss = page_text(two_profiles / "loss_choice.md")
+    html = (two_profiles / "loss_choice.html").read_text(encoding="utf-8")
+    # the budget of this report's runs (profile default) and the ladder from the full runs
+    assert "Each run trains 2 epochs (10 steps of 100 images, over 500 training images)." in loss
+    assert "## Budget ladder: where the results stop changing" in loss
+    assert "of profile full, 3 epochs (15 steps of 100 images, over 500 training images) each" \
+        in loss
+    assert "The default profile trains 2 epochs (10 steps)" in loss
+    assert "read from the params of its 18 finished runs" in loss
+    assert re.search(r"\| 1 epoch \(5 steps\) \| 2 epochs \(10 steps\) \| 3 epochs \(15 steps\) "
+                     r"\| stops changing at \|", loss)
+    # the sigma figure and its sentences; the flags column; per-beta and pooled verdicts
+    assert 'id="fig-loss_choice-sigma_over_training"' in html
+    assert re.search(r"MNIST, Gaussian, calibrated σ \(σ-VAE\), β = 1: σ = [\d.]+ after epoch 2",
+                     loss)
+    assert "convergence (settled / still moving / cannot tell) |" in loss
+    assert re.search(r"\| MNIST \| BCE suits MNIST \| β = 4 \| [a-z ]+ \|", loss)
+    assert re.search(r"\| MNIST \| BCE suits MNIST \| pooled \| [a-z ]+ \|", loss)
+    assert "per β: at β = 1 " in loss and "pooled over β: " in loss
+    # the default budget beside the long one, both in epochs and steps
+    assert "## Verdicts at the default budget beside the long one" in loss
+    assert "| verdict, default: 2 epochs (10 steps) | verdict, full: 3 epochs (15 steps) |" in loss
+    index = (two_profiles / "index.html").read_text(encoding="utf-8")
+    assert "verdict (pooled over β)" in index and "β = 1: " in index
+    kl = page_text(two_profiles / "kl_dynamics.md")
+    assert "## Collapse at the largest β and latent_dim" in kl
+    assert "over 1 epoch = 5 optimizer steps" in kl
+    assert "## Budget ladder: where the results stop changing" in kl
+    assert "stops changing at" in kl and "convergence (settled / still moving / cannot tell)" in kl
+    for page in (loss, kl):
+        assert not re.search(r"\b(nan|NaN|None)\b", page)

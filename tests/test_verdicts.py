@@ -14,7 +14,7 @@ from scipy import stats as sps
 
 from analysis import convergence, loss_choice_verdicts, stats, verdicts
 from analysis.evidence import loss_scale_audit
-from analysis.kl_dynamics import collapse
+from analysis.kl_collapse import collapse
 from analysis.runs import redact
 
 # --------------------------------------------------------------------------- stats
