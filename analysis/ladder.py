@@ -95,16 +95,30 @@ class Ladder:
     def point(self) -> int | None:
         """The smallest budget from which every metric and verdict stays as at the longest;
         None when some still changed between the two longest budgets."""
-        stops = list(self.metric_stops["stop"]) + list(self.verdict_stops["stop"])
-        if not stops or any(s is None or pd.isna(s) for s in stops):
-            return None
-        return int(max(stops))
+        return _latest([*self.metric_stops["stop"], *self.verdict_stops["stop"]])
+
+    @property
+    def verdict_point(self) -> int | None:
+        """The same for the verdicts alone."""
+        return _latest(list(self.verdict_stops["stop"]))
+
+    @property
+    def metric_point(self) -> int | None:
+        """The same for the metrics alone."""
+        return _latest(list(self.metric_stops["stop"]))
 
     def changed_at(self, epochs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Metric series and verdicts that at `epochs` differ from the longest budget."""
         def moving(stops):
             return stops[[s is None or pd.isna(s) or s > epochs for s in stops["stop"]]]
         return moving(self.metric_stops), moving(self.verdict_stops)
+
+
+def _latest(stops: list) -> int | None:
+    """The latest of the stops; None when there are none or any is None."""
+    if not stops or any(s is None or pd.isna(s) for s in stops):
+        return None
+    return int(max(stops))
 
 
 def stops_changing_at(values: dict[int, object], same: Callable[[object, object], bool]) -> \
@@ -331,31 +345,51 @@ def _cell_names(ladder: Ladder, rows: pd.DataFrame, limit: int = 4) -> str:
     return "; ".join(names[:limit]) + more
 
 
+def _phrase(stop) -> str:
+    if stop is None or pd.isna(stop):
+        return "still change between the two longest budgets"
+    return f"stop changing at {stop_text(stop)}"
+
+
+def conclusion(ladder: Ladder) -> str:
+    """Where the verdicts, the metrics and the results as a whole stop changing."""
+    vp, mp, point = ladder.verdict_point, ladder.metric_point, ladder.point
+    text = ""
+    if not ladder.verdict_stops.empty:
+        text = f"The verdicts {_phrase(vp)}; the metrics' values {_phrase(mp)}. "
+    if point is not None:
+        return text + (f"Results stop changing at {ladder.profile.budget.text(point)}: from there "
+                       f"on every metric and verdict of the ladder stays as at "
+                       f"{ladder.longest} epochs.")
+    return text + (f"The ladder shows no budget up to {ladder.longest} epochs from which every "
+                   f"metric and verdict stays as at {ladder.longest} epochs: some still changed "
+                   f"between the two longest budgets, so where the results stop changing lies "
+                   f"beyond the ladder.")
+
+
 def default_sentence(ladder: Ladder, default: tuple[budgets.Budget, str] | None) -> str:
     """Where the default profile's budget stands on the ladder, said plainly."""
-    point = ladder.point
-    where = (f"Results stop changing at {ladder.profile.budget.text(point)}: from there on "
-             f"every metric and verdict of the ladder stays as at {ladder.longest} epochs."
-             if point is not None else
-             f"The ladder shows no budget up to {ladder.longest} epochs from which every metric "
-             f"and verdict stays as at {ladder.longest} epochs: some still changed between the "
-             f"two longest budgets, so where the results stop changing lies beyond the ladder.")
+    where = conclusion(ladder)
     if default is None:
         return where + " The default profile's budget is not known to this report."
     budget, source = default
-    text = f"{where} The default profile trains {budget.full()}, read from {source}"
+    text = f"{where} The default profile trains {budget.full()} (read from {source})."
+    point, vp = ladder.point, ladder.verdict_point
     if budget.epochs > ladder.longest:
-        return text + (f", more than the ladder reaches ({ladder.longest} epochs): the ladder "
-                       f"cannot tell whether that budget is enough.")
+        return text + (f" That is more than the ladder reaches ({ladder.longest} epochs): the "
+                       f"ladder cannot tell whether that budget is enough.")
     if point is not None and budget.epochs >= point:
         at = "at" if budget.epochs == point else "past"
-        return text + f": that budget is {at} the point where the results stop changing."
+        return text + f" That budget is {at} the point where the results stop changing."
     metrics, verdicts = ladder.changed_at(budget.epochs)
-    return text + (f": that budget is short of where the results stop changing. At "
-                   f"{budget.epochs} epochs, {len(metrics)} of {len(ladder.metric_stops)} metric "
-                   f"series and {len(verdicts)} of {len(ladder.verdict_stops)} verdicts differ "
-                   f"from their {ladder.longest}-epoch values, so the default report's numbers "
-                   f"and verdicts are those of a budget the results have not settled at.")
+    text += (f" That budget is short of where the results stop changing: at {budget.epochs} "
+             f"epochs, {len(metrics)} of {len(ladder.metric_stops)} metric series and "
+             f"{len(verdicts)} of {len(ladder.verdict_stops)} verdicts differ from their "
+             f"{ladder.longest}-epoch values.")
+    if vp is not None and budget.epochs >= vp and not ladder.verdict_stops.empty:
+        return text + (" Its verdicts are those of the long runs; its numbers are not where "
+                       "longer training takes them.")
+    return text + " Its verdicts and numbers may both change with longer training."
 
 
 def budget_sentence(runs: pd.DataFrame, result: Ladder | str) -> str:
@@ -367,14 +401,17 @@ def budget_sentence(runs: pd.DataFrame, result: Ladder | str) -> str:
     text = "Each run trains " + " or ".join(parts) + "."
     if isinstance(result, str):
         return text + f" Whether that is enough cannot be shown here: no budget ladder ({result})."
-    point, longest, mine = result.point, result.longest, int(runs["epochs"].max())
-    if point is None:
-        return text + (f" The budget ladder below shows results still changing between its two "
-                       f"longest budgets (up to {longest} epochs), so no budget up to "
-                       f"{longest} epochs is shown to be enough.")
-    relation = "at" if mine == point else "past" if mine > point else "short of"
-    return text + (f" The budget ladder below shows the results stop changing at {point} "
-                   f"epochs: {mine} epochs is {relation} that point.")
+    mine, point = int(runs["epochs"].max()), result.point
+    vp = result.verdict_point if not result.verdict_stops.empty else point
+    text += (f" On the budget ladder below (up to {result.longest} epochs) the verdicts "
+             f"{_phrase(vp)} and the metrics' values {_phrase(result.metric_point)}")
+    if point is not None:
+        relation = "at" if mine == point else "past" if mine > point else "short of"
+        return text + f": {mine} epochs is {relation} the point where both have."
+    if vp is not None and mine >= vp:
+        return text + (f": at {mine} epochs the verdicts are those of the longest runs, but "
+                       f"the numbers may still move with longer training.")
+    return text + f": at {mine} epochs neither is shown to have stopped changing."
 
 
 def headline(result: Ladder | str, runs: pd.DataFrame) -> str:
@@ -385,10 +422,10 @@ def headline(result: Ladder | str, runs: pd.DataFrame) -> str:
     if result.point is None:
         return (f"Budget ladder (profile {result.profile.name}): results still changed between "
                 f"{result.rungs[-2]} and {result.longest} epochs"
-                + (f"; these runs train {mine}." if mine else "."))
+                + (f"; these runs train {stop_text(mine)}." if mine else "."))
     text = f"Budget ladder (profile {result.profile.name}): results stop changing at " \
            f"{stop_text(result.point)}"
     if mine is None:
         return text + "."
     relation = "at" if mine == result.point else "past" if mine > result.point else "short of"
-    return text + f"; these runs train {mine} epochs, {relation} that point."
+    return text + f"; these runs train {stop_text(mine)}, {relation} that point."

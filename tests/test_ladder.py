@@ -126,8 +126,10 @@ def test_the_ladder_finds_where_metrics_and_verdicts_settle():
     assert verdict[("β = 1", 1)] != verdicts.SUPPORTS
     assert built.point == 10
     text = ladder.default_sentence(built, (budgets.budget_of(runs.iloc[0], 10), "its runs"))
-    assert "Results stop changing at 10 epochs (4,300 steps)" in text
-    assert "that budget is at the point where the results stop changing" in text
+    # by epoch 3 every curve has fallen 2/7 of its way: the order, and so the verdicts, hold
+    assert "The verdicts stop changing at 3 epochs; the metrics' values stop changing at 10 " \
+        "epochs. Results stop changing at 10 epochs (4,300 steps)" in text
+    assert "That budget is at the point where the results stop changing" in text
     short = ladder.default_sentence(built, (budgets.budget_of(runs.iloc[0], 3), "its runs"))
     assert "short of where the results stop changing" in short
 
@@ -142,6 +144,9 @@ def test_a_ladder_that_never_settles_says_so_plainly():
     assert pd.isna(stops[("gaussian", 1.0)]) and stops[("bernoulli", 1.0)] == 10
     text = ladder.default_sentence(built, (budgets.budget_of(runs.iloc[0], 10), "its runs"))
     assert "lies beyond the ladder" in text and "short of where the results stop changing" in text
+    assert "The verdicts still change between the two longest budgets; the metrics' values " \
+        "still change between the two longest budgets." in text
+    assert "Its verdicts and numbers may both change with longer training." in text
     section = ladder.section(built, (budgets.budget_of(runs.iloc[0], 10), "its runs"))
     cells = [c for b in section.blocks if hasattr(b, "rows") for row in b.rows for c in row]
     assert "not within the ladder" in cells
@@ -286,7 +291,7 @@ def test_reports_from_two_profiles_show_ladder_sigma_flags_and_comparison(two_pr
     assert "## Budget ladder: where the results stop changing" in loss
     assert "of profile full, 3 epochs (15 steps of 100 images, over 500 training images) each" \
         in loss
-    assert "The default profile trains 2 epochs (10 steps)" in loss
+    assert "The default profile trains 2 epochs (10 steps of 100 images" in loss
     assert "read from the params of its 18 finished runs" in loss
     assert re.search(r"\| 1 epoch \(5 steps\) \| 2 epochs \(10 steps\) \| 3 epochs \(15 steps\) "
                      r"\| stops changing at \|", loss)
