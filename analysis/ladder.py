@@ -20,8 +20,10 @@ LADDER_EPOCHS = (1, 3, 10, 30)
 """Budgets read off the curves (those up to the longest run), plus the longest itself and the
 default profile's budget: roughly a factor of 3 apart, so each rung is a clear step."""
 RELATIVE_TOLERANCE = 0.05
-"""A value has stopped changing when it stays within 5% of its value at the longest budget:
-the size of change the convergence flag allows a run's last tenth of epochs."""
+"""A value has stopped changing when it stays within 5% of its value at the longest budget, the
+share the convergence flag allows too (of a run's NELBO fall, in its last tenth of epochs): a
+finer tolerance would flag the last percent a VAE gains over long training, a coarser one
+would pass curves that still visibly fall."""
 
 
 @dataclass(frozen=True)
