@@ -1,7 +1,8 @@
 """The statistics and the verdict rules on constructed runs with known answers (no training,
 no MLflow): t-intervals, paired comparisons, matched-rate distortion, the Pareto front, the
-loss-scale audit, collapse counting, redaction, and supports / contradicts / mixed /
-insufficient data."""
+loss-scale audit, collapse counting, redaction, supports / contradicts / mixed / insufficient
+data, the convergence flags, verdicts per beta beside the pooled one, and the collapse
+sentences that must not read a trend into runs that had not settled."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from analysis import convergence, loss_choice_verdicts, stats, verdicts
+from analysis import convergence, kl_collapse, loss_choice_verdicts, stats, verdicts
 from analysis.evidence import loss_scale_audit
 from analysis.kl_collapse import collapse
 from analysis.runs import redact
@@ -335,3 +336,44 @@ def test_a_verdict_names_the_cells_that_had_not_settled():
     one_epoch = beta_runs({1.0: -5.0}).assign(epochs=1)
     v = verdicts.claim_verdict(one_epoch, claim("mnist"))
     assert v.unsettled == "none of its 2 cells (likelihood × β) had settled: all cannot tell"
+
+
+# --------------------------------------------------------------------------- collapse sentences
+
+
+def finals_frame(status: str, active: dict[int, list[float]], beta: float = 4.0) -> pd.DataFrame:
+    """Per-run finals (kl_collapse.finals' columns) of MNIST at `beta`: active[latent_dim] lists
+    each seed's final active units."""
+    return pd.DataFrame([{"dataset": "mnist", "beta": beta, "latent_dim": z, "run_id": f"{z}-{i}",
+                          "collapsed": 0, "collapsed_share": 0.0, "active": a, "status": status}
+                         for z, values in active.items() for i, a in enumerate(values)])
+
+
+def test_no_trend_is_read_into_runs_that_had_not_settled():
+    active = {16: [10.0, 10.0], 64: [14.0, 14.0]}  # still rising at the largest latent_dim
+    settled = kl_collapse.saturation_sentences(finals_frame(convergence.SETTLED, active))
+    assert "still rising at the largest latent_dim (64)" in settled[0]
+    moving = kl_collapse.saturation_sentences(finals_frame(convergence.MOVING, active))
+    assert "still rising" not in moving[0] and "saturating" not in moving[0]
+    assert "had not settled, so whether active units saturate or keep rising with latent_dim " \
+           "cannot be told" in moving[0]
+
+
+@pytest.mark.parametrize("status, active, collapse, says", [
+    (convergence.SETTLED, [10.0, 12.0], True, "collapse, 53 units on average carry no information"),
+    (convergence.MOVING, [10.0, 12.0], True, "so more or fewer units may be active after longer"),
+    (convergence.SETTLED, [64.0, 63.5], False, "no more than 1 unit inactive at the end of "
+                                               "training, in settled runs"),
+    (convergence.MOVING, [64.0, 64.0], False, "so whether collapse appears with longer training "
+                                              "cannot be told"),
+])
+def test_collapse_at_the_largest_cell(status, active, collapse, says):
+    fin = pd.concat([finals_frame(status, {16: [16.0, 16.0], 64: active}),
+                     finals_frame(status, {64: [64.0, 64.0]}, beta=1.0)])
+    cells = kl_collapse.collapse_cells(fin)
+    assert len(cells) == 1 and (cells.iloc[0]["beta"], cells.iloc[0]["latent_dim"]) == (4.0, 64)
+    assert bool(cells.iloc[0]["collapse"]) is collapse
+    text = " ".join(b.text for b in kl_collapse.largest_section(cells).blocks
+                    if hasattr(b, "text"))
+    assert text.startswith(f"MNIST, β = 4, latent_dim 64: {np.mean(active):.3g}")
+    assert says in text
