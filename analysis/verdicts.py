@@ -339,6 +339,10 @@ def claim_verdicts(frame: pd.DataFrame, claim: Claim, metrics=METRICS) -> list[C
     return [*out, claim_verdict(frame, claim, metrics)]
 
 
+def _pairs(n: int) -> str:
+    return f"{n} pair{'s' if n != 1 else ''}"
+
+
 def per_beta_sentence(by_beta: list[ClaimVerdict]) -> str:
     """How the per-beta verdicts of one claim compare with the pooled one."""
     pooled = next(v for v in by_beta if v.beta == POOLED)
@@ -346,9 +350,9 @@ def per_beta_sentence(by_beta: list[ClaimVerdict]) -> str:
     if not each:
         return ""
     name = DATASET_LABELS.get(pooled.claim.dataset, pooled.claim.dataset)
-    parts = "; ".join(f"at {v.beta} {v.verdict} ({v.primary.pairs} pairs)" for v in each)
+    parts = "; ".join(f"at {v.beta} {v.verdict} ({_pairs(v.primary.pairs)})" for v in each)
     text = (f"“{pooled.claim.text}” on {name}, per β: {parts}; pooled over β: "
-            f"{pooled.verdict} ({pooled.primary.pairs} pairs).")
+            f"{pooled.verdict} ({_pairs(pooled.primary.pairs)}).")
     testable = {v.verdict for v in each if v.verdict != INSUFFICIENT}
     if len(testable) > 1:
         text += (" The per-β verdicts disagree: the pooled verdict averages over a dependence "
