@@ -73,8 +73,8 @@ def settled_text(cell: pd.DataFrame) -> str:
                 if (cell.get("epochs", pd.Series([0])) == 1).all() else
                 "Whether σ had settled cannot be told: the runs logged no converge/* metrics.")
     moving = [j for j in judged if j is not None and j.status == convergence.MOVING]
-    span = f"{min(changes):+.3f}" if len(changes) == 1 else \
-        f"{min(changes):+.3f} to {max(changes):+.3f}"
+    lo, hi = f"{min(changes):+.3f}", f"{max(changes):+.3f}"
+    span = lo if lo == hi else f"{lo} to {hi}"
     if not moving and len(changes) == n:
         return (f"σ had settled: log σ moved by {span} over the last tenth of epochs "
                 f"(threshold ±{convergence.LOG_SIGMA_SETTLED:g}) in every run.")
