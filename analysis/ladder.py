@@ -15,6 +15,7 @@ import pandas as pd
 from analysis import budgets
 from analysis.blocks import Bullets, Section, Table, Text
 from analysis.runs import RunStore
+from analysis.tables import ordered_datasets
 
 LADDER_EPOCHS = (1, 3, 10, 30)
 """Budgets read off the curves (those up to the longest run), plus the longest itself and the
@@ -240,9 +241,9 @@ def section(result: Ladder | str, default: tuple[budgets.Budget, str] | None) ->
         out.blocks.append(Text(f"No budget ladder: {result}. It is read from the validation "
                                f"curves of the longest runs in the store (the full profile)."))
         if default is not None:
-            out.blocks.append(Text(f"The default profile trains {default[0].full()}, read "
-                                   f"from {default[1]}; without a "
-                                   f"ladder this report cannot say whether that is enough."))
+            out.blocks.append(Text(f"The default profile trains {default[0].full()}, according "
+                                   f"to {default[1]}. Without a ladder this report cannot say "
+                                   f"whether that is enough."))
         return out
     ladder = result
     out.blocks.append(Text(source_text(ladder)))
@@ -287,6 +288,10 @@ def metric_tables(ladder: Ladder) -> list[Table]:
         wide = values.pivot_table(index=cells, columns="budget", values="value").reset_index()
         stops = ladder.metric_stops[ladder.metric_stops["metric"] == metric.key]
         wide = wide.merge(stops.drop(columns="metric"), on=cells, how="left")
+        if "dataset" in wide:  # MNIST first, as in every other table
+            rank = {d: i for i, d in enumerate(ordered_datasets(wide["dataset"]))}
+            wide = wide.sort_values("dataset", key=lambda c: c.map(rank), kind="stable")
+            wide = wide.reset_index(drop=True)
         table = ladder.spec.labels(wide[cells])
         for b in ladder.rungs:
             table[budget.text(b)] = wide[b] if b in wide else math.nan
@@ -375,7 +380,7 @@ def default_sentence(ladder: Ladder, default: tuple[budgets.Budget, str] | None)
     if default is None:
         return where + " The default profile's budget is not known to this report."
     budget, source = default
-    text = f"{where} The default profile trains {budget.full()} (read from {source})."
+    text = f"{where} The default profile trains {budget.full()}, according to {source}."
     point, vp = ladder.point, ladder.verdict_point
     if budget.epochs > ladder.longest:
         return text + (f" That is more than the ladder reaches ({ladder.longest} epochs): the "

@@ -292,7 +292,7 @@ def test_reports_from_two_profiles_show_ladder_sigma_flags_and_comparison(two_pr
     assert "of profile full, 3 epochs (15 steps of 100 images, over 500 training images) each" \
         in loss
     assert "The default profile trains 2 epochs (10 steps of 100 images" in loss
-    assert "read from the params of its 18 finished runs" in loss
+    assert "according to the params of its 18 finished runs" in loss
     assert re.search(r"\| 1 epoch \(5 steps\) \| 2 epochs \(10 steps\) \| 3 epochs \(15 steps\) "
                      r"\| stops changing at \|", loss)
     # the sigma figure and its sentences; the flags column; per-beta and pooled verdicts
