@@ -32,13 +32,30 @@ from study.stores import (
 )
 from study.suite import SuiteOptions, run_suite
 from study.train import resolve_device
+from study.workers import available_cores
+
+
+def worker_count(jobs: str, device: str) -> int:
+    """--jobs: a count, or `auto`: one single-threaded worker per core on the CPU (the
+    per-op overhead of small models does not shrink with threads, the matmuls do not need
+    them), one worker on a GPU."""
+    if jobs == "auto":
+        if device not in DEVICES:
+            return 1  # the device check names the problem
+        return available_cores() if resolve_device(device) == "cpu" else 1
+    try:
+        count = int(jobs)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UsageError(f"--jobs must be `auto` or a count >= 1, got {jobs!r}")
+    return count
 
 
 def cmd_run(args) -> int:
     if args.profile not in PROFILES:
         raise UsageError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    jobs = worker_count(args.jobs, args.device)
     if args.device not in DEVICES:
         raise UsageError(f"unknown device {args.device!r}; choose one of {', '.join(DEVICES)}")
     if args.stop_after is not None and not args.stop_after > 0:
@@ -57,7 +74,7 @@ def cmd_run(args) -> int:
     resolve_device(args.device)
     options = SuiteOptions(storage=args.storage or default_storage(),
                            tracking_uri=args.tracking_uri or default_tracking_uri(),
-                           device=args.device, jobs=args.jobs, worker=args.worker,
+                           device=args.device, jobs=jobs, worker=args.worker,
                            stop_after=args.stop_after, only=only)
     check_tracking_uri(options.tracking_uri)
     check_storage(options.storage)
@@ -135,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study", action="append", metavar="NAME",
                      help="a spec name in study/specs/ or a path to a .toml spec; repeatable "
                           "(default: the suite)")
-    run.add_argument("--jobs", type=int, default=1,
-                     help="worker processes on the same storage (default 1); each gets "
-                          "max(1, cores // N) torch threads")
+    run.add_argument("--jobs", default="1",
+                     help="worker processes on the same storage: a count (default 1), or "
+                          "auto (make's default): one per core on the CPU, one on a GPU; "
+                          "each gets max(1, cores // N) torch threads")
     run.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
     run.add_argument("--storage", help="Optuna storage: a SQLAlchemy URL (default "
                      "sqlite:///<repo>/mlruns/optuna.db; postgresql://... for several machines) "
