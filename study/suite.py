@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState, create_trial
 from tqdm import tqdm
 
@@ -75,7 +76,9 @@ def spec_settings(spec: Spec) -> dict:
     fixed = {k: v for k, v in dataclasses.asdict(spec.base).items()
              if k not in RUN_ONLY_FIELDS and k != "extra"}
     return json.loads(json.dumps({"fixed": fixed, "variants": spec.variants,
-                                  "space": [d.describe() for d in spec.dimensions]}, default=str))
+                                  "space": [d.describe() for d in spec.dimensions],
+                                  "objectives": [list(o) for o in spec.objectives]},
+                                 default=str))
 
 
 def check_settings(study, spec: Spec, storage_label: str) -> None:
@@ -90,7 +93,11 @@ def check_settings(study, spec: Spec, storage_label: str) -> None:
         return
     changed = [k for k in sorted({*ours["fixed"], *theirs["fixed"]})
                if ours["fixed"].get(k) != theirs["fixed"].get(k)]
-    changed += [k for k in ("variants", "space") if ours.get(k) != theirs.get(k)]
+    changed += [k for k in ("variants", "space", "objectives")
+                if k in theirs and ours.get(k) != theirs.get(k)]
+    if not changed:  # recorded before a kind of setting was: the same study, now complete
+        study.set_user_attr("settings", ours)
+        return
     raise UsageError(
         f"study {study.study_name!r} was run with other settings than spec {spec.name!r} has "
         f"now (changed: {', '.join(changed)}); delete it (`.venv/bin/optuna delete-study "
@@ -233,6 +240,10 @@ def prepare_study(spec: Spec, options: SuiteOptions, storage, tracker: Tracker) 
             raise UsageError(f"study {name!r} exists with directions {found}, but the spec asks "
                              f"for {spec.directions}; rename the spec or delete the study")
     check_settings(study, spec, label)
+    if not options.worker:  # the dashboard names the objectives rather than "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(spec.metrics)
     reconcile_with_mlflow(study, spec, tracker, options)
     experiment_id = tracker.experiment_id(spec.name, create=not options.worker)
     if options.worker:
