@@ -34,10 +34,11 @@ from study import classifier as classifiers
 from study.errors import UsageError
 from study.grid import FINISHED, count_states
 from study.liveness import close_dead_parent_runs, say, this_process
+from study.paths import default_data_root
 from study.resume import RUN_ONLY_FIELDS
 from study.specs import Spec
-from study.stores import default_data_root, first_use_lock, open_storage, redact, writable
-from study.tracking import Tracker, environment_tags
+from study.stores import first_use_lock, open_storage, redact, writable
+from study.tracking import NOTE, Tracker, environment_tags
 from study.train import resolve_device
 from study.trial import Job
 from study.workers import StopRequest, available_cores, run_processes, work
@@ -202,6 +203,7 @@ def create_parent_run(study, spec: Spec, tracker: Tracker, experiment_id: str,
                       options: SuiteOptions) -> str:
     """This invocation's study run, with the spec as an artifact; linked from the study."""
     tags = {"study": spec.name, "profile": spec.profile, "run_kind": "study",
+            NOTE: spec.description,
             "runner_process": json.dumps(this_process()),
             "optuna_study": spec.study_name, "optuna_storage": redact(options.storage),
             "sampler": spec.sampler, "pruner": spec.pruner, "jobs": options.jobs,
@@ -246,6 +248,8 @@ def prepare_study(spec: Spec, options: SuiteOptions, storage, tracker: Tracker) 
             study.set_metric_names(spec.metrics)
     reconcile_with_mlflow(study, spec, tracker, options)
     experiment_id = tracker.experiment_id(spec.name, create=not options.worker)
+    if not options.worker and spec.description:  # the UI shows it as the description
+        tracker.client.set_experiment_tag(experiment_id, NOTE, spec.description)
     if options.worker:
         parent = study.user_attrs.get("mlflow_parent_run_id")
         if not parent:
