@@ -1,17 +1,25 @@
-"""Shared fixtures: the real, verified datasets (fetched once per session) and small configs."""
+"""Shared fixtures: the real, verified datasets (fetched once per session), small configs and
+a headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 from study.config import Config
 from study.data import DATASETS, fetch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("VAE_DATA_ROOT", REPO / "data"))
+# Playwright cannot download its own browsers here: it drives Debian's
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic"]
+BROWSER_TIMEOUT_MS = 120_000  # generous: the machine may be small and busy
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +37,25 @@ def tiny_config(data_root) -> Config:
         data_root=str(data_root), train_subset=2000, val_size=500, test_subset=300,
         epochs=2, batch_size=100, test_iw_k=20, device="cpu",
     )
+
+
+@contextlib.contextmanager
+def chromium():
+    """A headless Chromium (a throwaway profile) driven by Playwright's sync API."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
+                    "to run the browser tests", pytrace=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                             timeout=BROWSER_TIMEOUT_MS)
+        with contextlib.closing(browser):
+            yield browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for a module's browser tests. Not per session: while Playwright's sync API
+    runs, its event loop is the thread's running loop, which asyncio.run() and a second
+    sync_playwright() refuse."""
+    with chromium() as browser:
+        yield browser

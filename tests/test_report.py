@@ -1,18 +1,15 @@
 """The analysis reports, built from real runs: a session fixture trains tiny VAEs on real
 MNIST / Fashion-MNIST subsets, logs them with the real MLflow client into a temporary sqlite
 store in the runner's schema, and `python -m analysis.report` builds the reports from it.
-The HTML is opened in a real headless Chromium driven over the DevTools protocol.
+The HTML is opened in a real headless Chromium driven by Playwright.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import io
-import json
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BROWSER_TIMEOUT_MS, chromium
 
 from analysis import report, verdicts
 from analysis.runs import load_runs, run_url
@@ -35,7 +33,6 @@ from study.train import Callback, train
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 HOSTILE = "<script>alert(1)</script>"
-CHROMIUM = "/usr/bin/chromium"
 
 
 # --------------------------------------------------------------------------- the runs
@@ -176,142 +173,41 @@ def log_fixture_runs(tracking_uri: str, artifact_root: Path, data_root: Path) ->
 # --------------------------------------------------------------------------- the browser
 
 
-class DevTools:
-    """A minimal Chrome DevTools protocol client over aiohttp's websocket (mlflow needs
-    aiohttp, so it is always installed): commands by id, events collected in order."""
-
-    def __init__(self, ws):
-        self.ws, self.next_id, self.pending, self.events = ws, 0, {}, []
-        self.reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self):
-        async for msg in self.ws:
-            data = json.loads(msg.data)
-            if "id" in data and data["id"] in self.pending:
-                self.pending.pop(data["id"]).set_result(data)
-            elif "method" in data:
-                self.events.append(data)
-
-    async def send(self, method, params=None, session=None, timeout=60):
-        self.next_id += 1
-        future = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = future
-        message = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        await self.ws.send_str(json.dumps(message))
-        reply = await asyncio.wait_for(future, timeout)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    async def wait_for(self, method, timeout=60):
-        for _ in range(int(timeout * 20)):
-            if any(e["method"] == method for e in self.events):
-                return
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"no {method} event within {timeout} s")
-
-
 IMAGES_JS = """Promise.all(Array.from(document.images).map(img => img.decode().then(
     () => [img.alt, img.naturalWidth, img.naturalHeight],
     () => [img.alt, img.naturalWidth, img.naturalHeight])))"""
 
 
-@contextlib.asynccontextmanager
-async def chromium_page(width: int = 1280, height: int = 1000):
-    """A headless Chromium (a throwaway profile) with one page attached over the DevTools
-    protocol, Page/Runtime/Log/Network events on: yields (DevTools, session id)."""
-    import aiohttp
+def inspect_page(page: Path, screenshot: Path | None = None, browser=None, width: int = 1280) -> dict:
+    """Open `page` in a fresh tab of `browser` (a Chromium of its own without one): images, text,
+    console errors, uncaught exceptions, dialogs, requests; the whole page to `screenshot`."""
+    seen = {key: [] for key in ("console_errors", "log_errors", "exceptions", "dialogs", "requests")}
 
-    if not Path(CHROMIUM).exists():
-        raise AssertionError(f"{CHROMIUM} is missing: install Debian's chromium "
-                             "(apt-get install -y chromium) to run the browser test")
-    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
-    proc = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-quic", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-         "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        for _ in range(600):
-            if port_file.exists() and len(port_file.read_text().split()) >= 2:
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"chromium exited with status {proc.returncode}")
-            await asyncio.sleep(0.05)
-        port, path = port_file.read_text().split()[:2]
-        async with aiohttp.ClientSession() as http, \
-                http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0) as ws:
-            cdp = DevTools(ws)
-            target = await cdp.send("Target.createTarget", {"url": "about:blank"})
-            sid = (await cdp.send("Target.attachToTarget",
-                                  {"targetId": target["targetId"], "flatten": True}))["sessionId"]
-            for domain in ("Page", "Runtime", "Log", "Network"):
-                await cdp.send(f"{domain}.enable", session=sid)
-            await cdp.send("Emulation.setDeviceMetricsOverride", {
-                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-                session=sid)
-            try:
-                yield cdp, sid
-            finally:
-                cdp.reader.cancel()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(profile, ignore_errors=True)
+    def on_console(message):
+        # Playwright reports the browser's own log (a failed load, blocked content) as console
+        # messages without arguments, next to the page's console.error / console.assert calls
+        if message.type in ("error", "assert"):
+            seen["console_errors" if message.args else "log_errors"].append(message.text)
 
+    def on_dialog(dialog):
+        seen["dialogs"].append(dialog.message)
+        dialog.dismiss()
 
-async def evaluate(cdp, sid, expression: str):
-    """The value of a JavaScript expression in the page (promises awaited)."""
-    reply = await cdp.send("Runtime.evaluate", {
-        "expression": expression, "awaitPromise": True, "returnByValue": True}, session=sid)
-    return reply["result"].get("value")
-
-
-async def save_screenshot(cdp, sid, path: Path, clip: dict | None = None) -> None:
-    params = {"format": "png", "captureBeyondViewport": clip is not None}
-    if clip is not None:
-        params["clip"] = clip
-    shot = await cdp.send("Page.captureScreenshot", params, session=sid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(shot["data"]))
-
-
-async def _inspect(page: Path, screenshot: Path | None, width: int = 1280) -> dict:
-    async with chromium_page(width) as (cdp, sid):
-        await cdp.send("Page.navigate", {"url": page.as_uri()}, session=sid)
-        await cdp.wait_for("Page.loadEventFired")
-        images = await evaluate(cdp, sid, IMAGES_JS)
-        text = await evaluate(cdp, sid, "document.body.textContent")
+    with (contextlib.nullcontext(browser) if browser else chromium()) as browser, \
+            contextlib.closing(browser.new_page(viewport={"width": width, "height": 1000})) as tab:
+        tab.set_default_timeout(BROWSER_TIMEOUT_MS)
+        tab.on("console", on_console)
+        tab.on("pageerror", lambda error: seen["exceptions"].append(str(error)))
+        tab.on("dialog", on_dialog)
+        tab.on("request", lambda request: seen["requests"].append(request.url))
+        tab.goto(page.as_uri())  # returns once the load event has fired
+        seen["images"] = tab.evaluate(IMAGES_JS)
+        seen["text"] = tab.evaluate("document.body.textContent")
         if screenshot is not None:
-            height = await evaluate(cdp, sid, "document.documentElement.scrollHeight")
-            await save_screenshot(cdp, sid, screenshot, {
-                "x": 0, "y": 0, "width": width, "height": min(height, 16000), "scale": 1})
-        await asyncio.sleep(0.2)  # let late console messages arrive
-    events = cdp.events
-    return {
-        "images": images,
-        "text": text,
-        "console_errors": [e["params"] for e in events if e["method"] == "Runtime.consoleAPICalled"
-                           and e["params"].get("type") in ("error", "assert")],
-        "exceptions": [e["params"] for e in events if e["method"] == "Runtime.exceptionThrown"],
-        "log_errors": [e["params"]["entry"] for e in events if e["method"] == "Log.entryAdded"
-                       and e["params"]["entry"].get("level") == "error"],
-        "dialogs": [e["params"] for e in events if e["method"] == "Page.javascriptDialogOpening"],
-        "requests": [e["params"]["request"]["url"] for e in events
-                     if e["method"] == "Network.requestWillBeSent"],
-    }
-
-
-def inspect_page(page: Path, screenshot: Path | None = None) -> dict:
-    """Open `page` in headless Chromium: images, text, console errors, requests, dialogs."""
-    return asyncio.run(_inspect(page, screenshot))
+            height = tab.evaluate("document.documentElement.scrollHeight")
+            tab.screenshot(path=screenshot, full_page=True,
+                           clip={"x": 0, "y": 0, "width": width, "height": min(height, 16000)})
+    return seen
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -502,9 +398,9 @@ def test_markdown_escaping_renders_the_literal_text(text):
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_pages_render_in_chromium(built, page):
+def test_pages_render_in_chromium(built, page, browser):
     shot = ARTIFACTS / f"report-{page}.png"
-    seen = inspect_page(built / f"{page}.html", shot)
+    seen = inspect_page(built / f"{page}.html", shot, browser)
     assert not seen["console_errors"] and not seen["exceptions"] and not seen["log_errors"], seen
     assert not seen["dialogs"], "a script ran"
     assert all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
@@ -588,7 +484,7 @@ def test_module_entry_point_help():
         assert option in result.stdout
 
 
-def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch):
+def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch, browser):
     """`make study PROFILE=smoke` then `make report`: the real runner's runs, not the fixture's."""
     from study import runner
 
@@ -618,7 +514,7 @@ def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch):
             assert pixels[..., :3].std() > 0.01, "a blank figure"
     text = (out / "loss_choice.md").read_text()
     assert "Verdicts" in text and "profile" in text.lower()
-    seen = inspect_page(out / "loss_choice.html", ARTIFACTS / "report-smoke-loss_choice.png")
+    seen = inspect_page(out / "loss_choice.html", ARTIFACTS / "report-smoke-loss_choice.png", browser)
     assert not seen["console_errors"] and not seen["exceptions"] and not seen["log_errors"], seen
     assert all(width > 0 and height > 0 for _, width, height in seen["images"]), seen["images"]
 

@@ -5,7 +5,6 @@ asked over its REST API."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -23,7 +22,9 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import BROWSER_TIMEOUT_MS
 from mlflow import MlflowClient
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from study.config import Config
 from study.data import dataset_digest
@@ -267,57 +268,40 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def _wait_for_text(cdp, sid, wanted: list[str], timeout: float = 90) -> list[str]:
-    """Poll the page's text until every string of `wanted` shows; the ones still missing."""
-    from test_report import evaluate
-
-    missing = wanted
-    for _ in range(int(timeout * 2)):
-        text = await evaluate(cdp, sid, "document.body ? document.body.innerText : ''") or ""
-        missing = [w for w in wanted if w not in text]
-        if not missing:
-            break
-        await asyncio.sleep(0.5)
-    return missing
+def _wait_for_text(page, wanted: list[str], timeout: float = 90) -> list[str]:
+    """Wait until every string of `wanted` shows in the page's text; the ones still missing."""
+    with contextlib.suppress(PlaywrightTimeoutError):
+        page.wait_for_function("wanted => wanted.every(w => document.body?.innerText.includes(w))",
+                               arg=wanted, timeout=timeout * 1000)
+    text = page.evaluate("document.body ? document.body.innerText : ''")
+    return [w for w in wanted if w not in text]
 
 
-async def look_at_the_ui(base: str, experiment_id: str, run_id: str) -> dict:
+def look_at_the_ui(browser, base: str, experiment_id: str, run_id: str) -> dict:
     """The MLflow UI in headless Chromium, as a user meets it: the experiment's runs list shows
     the study's parent run; a trial's metric page, filtered to `nelbo`, draws the train and
     validation curves (each chart's legend names its metric key). Screenshots of both go to
     test-artifacts/."""
     from test_report import ARTIFACTS as SHOTS
-    from test_report import chromium_page, evaluate, save_screenshot
 
     ml = "?workflowType=machine_learning"  # MLflow 3 opens its GenAI view otherwise
-    async with chromium_page(1400, 2000) as (cdp, sid):
-        await cdp.send("Page.navigate", {"url": f"{base}/#/experiments/{experiment_id}/runs{ml}"},
-                       session=sid)
-        runs_page = not await _wait_for_text(cdp, sid, ["e2e-smoke/run-"])
-        await save_screenshot(cdp, sid, SHOTS / "mlflow-ui-runs.png")
-        await cdp.send("Page.navigate", {
-            "url": f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics{ml}"},
-            session=sid)
-        focus = ("(() => { const i = document.querySelector('input[placeholder^=Search]');"
-                 " if (i) { i.focus(); } return !!i; })()")
-        for _ in range(180):
-            if await evaluate(cdp, sid, focus):
-                break
-            await asyncio.sleep(0.5)
-        await cdp.send("Input.insertText", {"text": "nelbo"}, session=sid)
-        missing = await _wait_for_text(cdp, sid, ["(train/nelbo)", "(val/nelbo)"])
-        points = 0  # plotly's markers: 2 epochs of train and val, 1 test value
-        for _ in range(180):
-            points = await evaluate(cdp, sid, "document.querySelectorAll('.scatterlayer "
-                                              ".point').length")
-            if points >= 5:
-                break
-            await asyncio.sleep(0.5)
-        await save_screenshot(cdp, sid, SHOTS / "mlflow-ui-trial-nelbo.png")
-    return {"runs_page": runs_page, "missing_curves": missing, "points_drawn": points}
+    with contextlib.closing(browser.new_page(viewport={"width": 1400, "height": 2000})) as page:
+        page.set_default_timeout(BROWSER_TIMEOUT_MS)
+        page.goto(f"{base}/#/experiments/{experiment_id}/runs{ml}")
+        runs_page = not _wait_for_text(page, ["e2e-smoke/run-"])
+        page.screenshot(path=SHOTS / "mlflow-ui-runs.png")
+        page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics{ml}")
+        page.locator("input[placeholder^=Search]").first.fill("nelbo", timeout=90_000)
+        missing = _wait_for_text(page, ["(train/nelbo)", "(val/nelbo)"])
+        points = page.locator(".scatterlayer .point")  # plotly's markers
+        with contextlib.suppress(PlaywrightTimeoutError):  # 2 epochs of train and val, 1 test value
+            points.nth(4).wait_for(state="attached", timeout=90_000)
+        drawn = points.count()
+        page.screenshot(path=SHOTS / "mlflow-ui-trial-nelbo.png")
+    return {"runs_page": runs_page, "missing_curves": missing, "points_drawn": drawn}
 
 
-def test_a_real_mlflow_server_serves_the_runs_over_rest(e2e, tmp_path):
+def test_a_real_mlflow_server_serves_the_runs_over_rest(e2e, tmp_path, browser):
     uri = f"sqlite:///{e2e['folder']}/mlflow.db"
     with serving(["ui", "--tracking-uri", uri], "/health", tmp_path / "server.log") as base:
         found = http_json(base + "/api/2.0/mlflow/runs/search", {
@@ -333,7 +317,7 @@ def test_a_real_mlflow_server_serves_the_runs_over_rest(e2e, tmp_path):
                            + urllib.parse.urlencode({"run_id": trial_run}))
         assert {f["path"] for f in listed["files"]} == ARTIFACTS
         assert listening_on(int(base.rsplit(":", 1)[1])) == {"127.0.0.1"}  # the default
-        seen = asyncio.run(look_at_the_ui(base, e2e["experiment"].experiment_id, trial_run))
+        seen = look_at_the_ui(browser, base, e2e["experiment"].experiment_id, trial_run)
         assert seen["runs_page"], "the study's runs are not listed in the MLflow UI"
         assert not seen["missing_curves"], seen  # the ELBO curves of the trial are drawn
         assert seen["points_drawn"] >= 5, seen
