@@ -34,6 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 HOSTILE = "<script>alert(1)</script>"
 CHROMIUM = "/usr/bin/chromium"
+# How long a wait on the browser or a command may last before it counts as a hang: each ends
+# on an event (a reply, an exit), so a slow or busy machine only waits longer.
+WAIT_S = 300
 
 
 # --------------------------------------------------------------------------- the runs
@@ -185,7 +188,7 @@ class DevTools:
             elif "method" in data:
                 self.events.append(data)
 
-    async def send(self, method, params=None, session=None, timeout=60):
+    async def send(self, method, params=None, session=None, timeout=WAIT_S):
         self.next_id += 1
         future = asyncio.get_running_loop().create_future()
         self.pending[self.next_id] = future
@@ -198,7 +201,7 @@ class DevTools:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply.get("result", {})
 
-    async def wait_for(self, method, timeout=60):
+    async def wait_for(self, method, timeout=WAIT_S):
         for _ in range(int(timeout * 20)):
             if any(e["method"] == method for e in self.events):
                 return
@@ -229,7 +232,7 @@ async def chromium_page(width: int = 1280, height: int = 1000):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
-        for _ in range(600):
+        for _ in range(20 * WAIT_S):
             if port_file.exists() and len(port_file.read_text().split()) >= 2:
                 break
             if proc.poll() is not None:
@@ -573,7 +576,7 @@ def test_a_password_in_the_tracking_uri_is_redacted(tmp_path, capsys, monkeypatc
 
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "analysis.report", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=WAIT_S)
     assert result.returncode == 0
     for option in ("--tracking-uri", "--out", "--ui-url", "--data-root", "--collapse-threshold"):
         assert option in result.stdout

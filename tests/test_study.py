@@ -31,6 +31,9 @@ from study.model import build_model
 from study.runner import main
 
 REPO = Path(__file__).resolve().parents[1]
+# How long a wait on a server or the browser may last before it counts as a hang: each ends on
+# an event (a page answers, a text shows), so a slow or busy machine only waits longer.
+WAIT_S = 300
 pytestmark = pytest.mark.slow
 
 TINY = """
@@ -239,7 +242,7 @@ def serving(args: list[str], ready_path: str, log_path: Path):
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + WAIT_S
         while True:
             try:
                 with urllib.request.urlopen(base + ready_path, timeout=5) as response:
@@ -267,7 +270,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def _wait_for_text(cdp, sid, wanted: list[str], timeout: float = 90) -> list[str]:
+async def _wait_for_text(cdp, sid, wanted: list[str], timeout: float = WAIT_S) -> list[str]:
     """Poll the page's text until every string of `wanted` shows; the ones still missing."""
     from test_report import evaluate
 
@@ -300,14 +303,14 @@ async def look_at_the_ui(base: str, experiment_id: str, run_id: str) -> dict:
             session=sid)
         focus = ("(() => { const i = document.querySelector('input[placeholder^=Search]');"
                  " if (i) { i.focus(); } return !!i; })()")
-        for _ in range(180):
+        for _ in range(2 * WAIT_S):  # half-second polls
             if await evaluate(cdp, sid, focus):
                 break
             await asyncio.sleep(0.5)
         await cdp.send("Input.insertText", {"text": "nelbo"}, session=sid)
         missing = await _wait_for_text(cdp, sid, ["(train/nelbo)", "(val/nelbo)"])
         points = 0  # plotly's markers: 2 epochs of train and val, 1 test value
-        for _ in range(180):
+        for _ in range(2 * WAIT_S):  # half-second polls
             points = await evaluate(cdp, sid, "document.querySelectorAll('.scatterlayer "
                                               ".point').length")
             if points >= 5:
