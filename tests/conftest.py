@@ -1,10 +1,14 @@
-"""Shared fixtures: the real, verified datasets (fetched once per session), small configs and
-a headless Chromium."""
+"""Shared fixtures: the real, verified datasets (fetched once per session), small configs, a
+headless Chromium, and `paused`, for acting on a running study process at a moment it cannot
+move past."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +63,26 @@ def browser():
     sync_playwright() refuse."""
     with chromium() as browser:
         yield browser
+
+
+def _stopped(task: Path) -> bool:
+    """Whether thread `task` (/proc/PID/task/TID) is stopped, or gone."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tTZX"
+    except FileNotFoundError:
+        return True
+
+
+@contextlib.contextmanager
+def paused(proc: subprocess.Popen):
+    """The process group of `proc` stopped (SIGSTOP) for the block, once every thread of `proc`
+    has stopped, so that nothing it does can move between reading its state and acting on
+    it; continued (SIGCONT) afterwards, unless the block killed it. Linux only (/proc)."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    while not all(_stopped(task) for task in Path(f"/proc/{proc.pid}/task").iterdir()):
+        time.sleep(0.001)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)

@@ -5,6 +5,7 @@ complete exactly once, the killed trial's run ended FAILED and no finished trial
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import socket
@@ -17,15 +18,20 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import paused
 from mlflow import MlflowClient
 
 from study import runner
 from study.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# The waits below end on events (a trial's state, a process's exit); their deadline only bounds
+# a hang, generously, so that a slow or busy machine cannot fail them.
+DEADLINE_S = 600
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
 
-# Four points of a few seconds each: long enough for the kill to land inside a trial.
+# Four points; the kill lands inside the second or a later one (see the test), which need
+# only outlast one 50 ms poll.
 SPEC = """
 sampler = "grid"
 [space]
@@ -58,21 +64,43 @@ def start_runner(args: list[str], log_path: Path) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def read_trials(db: Path) -> list[tuple[int, str, str | None]]:
-    """(number, state, mlflow_run_id JSON) of every trial, read-only, straight from SQLite
-    (opening an Optuna storage could race the runner creating the schema)."""
+def read_rows(db: Path, query: str, *args) -> list:
+    """The rows of `query`, read-only, straight from SQLite (opening an Optuna storage could
+    race the runner creating the schema); none while the file or its tables do not exist yet,
+    or SQLite is busy (rarely, for a reader of a WAL database)."""
     if not db.exists():
         return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
     try:
-        return conn.execute(
-            "SELECT t.number, t.state, a.value_json FROM trials t LEFT JOIN "
-            "trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = 'mlflow_run_id' "
-            "ORDER BY t.number").fetchall()
-    except sqlite3.OperationalError:  # no tables yet
+        return conn.execute(query, args).fetchall()
+    except sqlite3.OperationalError:
         return []
     finally:
         conn.close()
+
+
+def read_trials(db: Path) -> list[tuple[int, str, str | None]]:
+    """(number, state, mlflow_run_id JSON) of every trial."""
+    return read_rows(db, "SELECT t.number, t.state, a.value_json FROM trials t LEFT JOIN "
+                         "trial_user_attributes a ON a.trial_id = t.trial_id AND "
+                         "a.key = 'mlflow_run_id' ORDER BY t.number")
+
+
+def victim(optuna_db: Path, mlflow_db: Path) -> tuple[int, str] | None:
+    """(number, run id JSON) of a trial in the middle of its run after a finished one: RUNNING
+    in Optuna, and its MLflow run RUNNING too (a trial ends its run just before Optuna's
+    COMPLETE); None if there is none now."""
+    trials = read_trials(optuna_db)
+    if not any(state == "COMPLETE" for _, state, _ in trials):
+        return None
+    for number, state, run in trials:
+        if state != "RUNNING" or not run:
+            continue
+        status = read_rows(mlflow_db, "SELECT status FROM runs WHERE run_uuid = ?",
+                           json.loads(run))
+        if status == [("RUNNING",)]:
+            return number, run
+    return None
 
 
 def integrity(db: Path) -> str:
@@ -91,21 +119,25 @@ def test_a_study_killed_mid_trial_resumes_with_every_point_once(tmp_path, data_e
             "--storage", f"sqlite:///{optuna_db}", "--tracking-uri", f"sqlite:///{mlflow_db}"]
     log_path = tmp_path / "killed.log"
     proc = start_runner(args, log_path)
+    deadline = time.monotonic() + DEADLINE_S
     try:
-        deadline = time.monotonic() + 240
-        victim = None
-        while victim is None:
-            trials = read_trials(optuna_db)
-            if any(state == "COMPLETE" for _, state, _ in trials):
-                victim = next(((n, run) for n, state, run in trials
-                               if state == "RUNNING" and run), None)
+        # Seen by a poll, the trial could finish before a kill lands: the study is paused,
+        # read again while nothing can move, and killed only if it is still mid-trial.
+        found = None
+        while found is None:
             assert proc.poll() is None, "the study ended before the kill:\n" + log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            if victim(optuna_db, mlflow_db) is not None:
+                with paused(proc):
+                    found = victim(optuna_db, mlflow_db)
+                    if found is not None:
+                        os.killpg(proc.pid, signal.SIGKILL)
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()  # reaped: the pid is gone, not a zombie
-    number, run_json = victim
+    number, run_json = found
 
     study = optuna.load_study(study_name="crash-smoke", storage=f"sqlite:///{optuna_db}")
     killed = study.trials[number]
@@ -121,7 +153,7 @@ def test_a_study_killed_mid_trial_resumes_with_every_point_once(tmp_path, data_e
 
     again = start_runner(args, tmp_path / "again.log")  # the same command, at once
     try:
-        code = again.wait(timeout=240)
+        code = again.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if again.poll() is None:
             os.killpg(again.pid, signal.SIGKILL)

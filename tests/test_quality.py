@@ -113,7 +113,17 @@ def test_classifier_accuracy_and_cache(data_root, dataset):
     assert first.path.stat().st_mtime_ns == mtime
 
     test = load_splits(dataset, data_root).test
-    assert classifier.accuracy(again.net, test.grey(), test.labels) == first.test_accuracy
+    for a, b in zip(first.net.state_dict().values(), again.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # The stored accuracy was measured where the net was trained, maybe on another CPU kind,
+    # whose summation order can flip only images whose two best logits nearly tie; 1e-3 is
+    # over a hundred times what float32 rounding moves a logit of this net.
+    with torch.no_grad():
+        logits = torch.cat([again.net(x) for x in test.grey().split(1000)])
+    best = logits.topk(2, dim=1).values
+    ties = int((best[:, 0] - best[:, 1] < 1e-3).sum())
+    measured = classifier.accuracy(again.net, test.grey(), test.labels)
+    assert abs(measured - first.test_accuracy) <= ties / len(test)
     features = again.features(test.grey()[:10])
     assert features.shape == (10, classifier.DEFAULT_SETTINGS.feature_dim)
 

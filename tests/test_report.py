@@ -33,6 +33,9 @@ from study.train import Callback, train
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 HOSTILE = "<script>alert(1)</script>"
+# How long a command may run before it counts as a hang: it ends on its exit, so a slow or
+# busy machine only waits longer.
+WAIT_S = 300
 
 
 # --------------------------------------------------------------------------- the runs
@@ -478,7 +481,7 @@ def test_a_password_in_the_tracking_uri_is_redacted(tmp_path, capsys, monkeypatc
 
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "analysis.report", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=WAIT_S)
     assert result.returncode == 0
     for option in ("--tracking-uri", "--out", "--ui-url", "--data-root", "--collapse-threshold"):
         assert option in result.stdout

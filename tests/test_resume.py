@@ -16,10 +16,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import paused
 from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# The waits below end on events (a saved epoch, a process's exit); their deadline only bounds
+# a hang, generously, so that a slow or busy machine cannot fail them.
+DEADLINE_S = 600
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
 
 # One point, a checkpoint at every epoch end; dynamic binarization and the learning-rate
 # stages of Burda et al. (1 + 3 + 9 epochs) both cross the interruption.
@@ -57,41 +61,63 @@ def start(folder: Path, log_name: str, data_root: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
+def finish(proc: subprocess.Popen) -> int:
     try:
-        return proc.wait(timeout=timeout)
+        return proc.wait(timeout=DEADLINE_S)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
-def checkpoint_epoch(folder: Path) -> int:
-    """The newest checkpoint_epoch of any trial, read-only straight from SQLite (0 if none)."""
-    db = folder / "optuna.db"
+def read_rows(db: Path, query: str) -> list | None:
+    """The rows of `query`, read-only straight from SQLite; None while the file or its tables
+    do not exist yet, or SQLite is busy (rarely, for a reader of a WAL database)."""
     if not db.exists():
-        return 0
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        return None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
     try:
-        rows = conn.execute("SELECT value_json FROM trial_user_attributes "
-                            "WHERE key = 'checkpoint_epoch'").fetchall()
-    except sqlite3.OperationalError:  # no tables yet
-        return 0
+        return conn.execute(query).fetchall()
+    except sqlite3.OperationalError:
+        return None
     finally:
         conn.close()
-    return max((json.loads(v) for (v,) in rows), default=0)
 
 
-def interrupt(folder: Path, data_root: Path, sig: int, at_epoch: int) -> subprocess.Popen:
-    """Start the study and send `sig` to its process group once epoch `at_epoch` is saved."""
-    proc = start(folder, "interrupted.log", data_root)
-    deadline = time.monotonic() + 240
-    while checkpoint_epoch(folder) < at_epoch:
-        assert proc.poll() is None, (folder / "interrupted.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, (folder / "interrupted.log").read_text()[-3000:]
+def checkpoint_epoch(folder: Path) -> int:
+    """The newest checkpoint_epoch of any trial (0 if none or unreadable now)."""
+    rows = read_rows(folder / "optuna.db", "SELECT value_json FROM trial_user_attributes "
+                                          "WHERE key = 'checkpoint_epoch'")
+    return max((json.loads(v) for (v,) in rows or []), default=0)
+
+
+def trial_run_running(folder: Path) -> bool:
+    """Whether the trial's MLflow run is still RUNNING (False if unreadable now)."""
+    rows = read_rows(folder / "mlflow.db", "SELECT status FROM runs WHERE run_uuid IN (SELECT "
+                    "run_uuid FROM tags WHERE key = 'run_kind' AND value = 'trial')")
+    return rows is not None and [status for (status,) in rows] == ["RUNNING"]
+
+
+def interrupt(folder: Path, data_root: Path, sig: int, at_epoch: int, ready) -> tuple:
+    """Start the study; once epoch `at_epoch` is saved, send `sig` to its process group if
+    `ready(saved epoch)` holds. The group is paused while its state is read, so nothing moves
+    between that check and the signal; if the check fails (e.g. a store unreadable at that
+    moment) the study goes on and is paused again later. Returns the process and the epoch
+    saved when the signal was sent."""
+    proc, log = start(folder, "interrupted.log", data_root), folder / "interrupted.log"
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        assert proc.poll() is None, "it ended before the signal:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        if checkpoint_epoch(folder) >= at_epoch:
+            with paused(proc):
+                saved = checkpoint_epoch(folder)
+                go = saved >= at_epoch and ready(saved)
+                if go:
+                    os.killpg(proc.pid, sig)
+            if go:
+                return proc, saved
         time.sleep(0.02)
-    os.killpg(proc.pid, sig)
-    return proc
 
 
 def trial_runs(folder: Path):
@@ -138,15 +164,19 @@ def assert_resumed_like_uninterrupted(folder: Path, uninterrupted) -> tuple:
 
 def test_sigterm_stops_at_an_epoch_end_and_the_same_command_resumes(tmp_path, data_root,
                                                                     uninterrupted):
-    proc = interrupt(tmp_path, data_root, signal.SIGTERM, at_epoch=2)
-    assert finish(proc, timeout=60) == 128 + signal.SIGTERM
+    # The signal lands while the run is paused after saving epoch `saved`: it stops at the end
+    # of the next epoch, or of the one after if the pause fell between that epoch's save and
+    # its record. Two epochs must be left before the last, which the pause lets us check.
+    proc, saved = interrupt(tmp_path, data_root, signal.SIGTERM, at_epoch=2,
+                            ready=lambda saved: saved + 2 < EPOCHS)
+    assert finish(proc) == 128 + signal.SIGTERM
     log = (tmp_path / "interrupted.log").read_text()
     assert "resumable (SIGTERM received)" in log and "the same command resumes them" in log
 
     client, (run,) = trial_runs(tmp_path)
     assert run.info.status == "KILLED"
     stopped_at = int(run.data.tags["stop_reason"].split("end of epoch ")[1].split()[0])
-    assert 2 <= stopped_at < EPOCHS
+    assert saved + 1 <= stopped_at <= saved + 2 < EPOCHS
     assert "run the same command again to resume" in run.data.tags["stop_reason"]
     saved = [f.path for f in client.list_artifacts(run.info.run_id, "resume")]
     assert saved and all(p.startswith("resume/state-") for p in saved)
@@ -166,7 +196,8 @@ def test_sigterm_stops_at_an_epoch_end_and_the_same_command_resumes(tmp_path, da
 def test_a_killed_trial_resumes_from_its_last_checkpoint(tmp_path, data_root, uninterrupted):
     """SIGKILL lands anywhere: maybe after an epoch was logged but before it was saved. The
     re-queued trial resumes from the newest state that loads and logs no epoch twice."""
-    proc = interrupt(tmp_path, data_root, signal.SIGKILL, at_epoch=3)
+    proc, _ = interrupt(tmp_path, data_root, signal.SIGKILL, at_epoch=3,
+                        ready=lambda _: trial_run_running(tmp_path))
     proc.wait()
     client, (run,) = trial_runs(tmp_path)
     assert run.info.status == "RUNNING"  # the kill landed inside the trial

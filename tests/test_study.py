@@ -32,6 +32,9 @@ from study.model import build_model
 from study.runner import main
 
 REPO = Path(__file__).resolve().parents[1]
+# How long a wait on a server or the browser may last before it counts as a hang: each ends on
+# an event (a page answers, a text shows), so a slow or busy machine only waits longer.
+WAIT_S = 300
 pytestmark = pytest.mark.slow
 
 TINY = """
@@ -240,7 +243,7 @@ def serving(args: list[str], ready_path: str, log_path: Path):
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + WAIT_S
         while True:
             try:
                 with urllib.request.urlopen(base + ready_path, timeout=5) as response:
