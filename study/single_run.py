@@ -21,6 +21,7 @@ from study.classifier import Classifiers
 from study.config import Config
 from study.errors import UsageError
 from study.spec_schema import RUNNER_FIELDS, ConfigFields, problem, set_fields, validated
+from study.specs import toml_value
 from study.stores import check_tracking_uri, default_tracking_uri
 from study.tracking import (
     Tracker,
@@ -33,22 +34,8 @@ from study.tracking import (
 from study.train import Callback, TrainResult, resolve_device, train
 from study.trial_figures import TrialFigures
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 EXPERIMENT = "single-runs"
 """The MLflow experiment of runs trained one at a time (studies have one each)."""
-
-
-def parse_value(text: str):
-    """A KEY=VALUE override's value as TOML reads it (4, 1e-3, true, [400, 200]), else the
-    text itself (likelihood=gaussian)."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def config_from_overrides(items: list[str], base: Config | None = None) -> Config:
@@ -63,9 +50,9 @@ def config_from_overrides(items: list[str], base: Config | None = None) -> Confi
             problems.append(f"unknown key {key!r} (Config fields: "
                             f"{', '.join(Config.field_names())})")
         elif key in RUNNER_FIELDS:
-            runner[key] = parse_value(text) if key == "threads" else text
+            runner[key] = toml_value(text) if key == "threads" else text
         else:
-            table[key] = parse_value(text)
+            table[key] = toml_value(text)
     fields, errors = validated(ConfigFields, table)
     problems += [problem(e) for e in errors]
     if problems:

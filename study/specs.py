@@ -68,7 +68,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["ALL", "OBJECTIVE_METRICS", "PROFILES", "VARIANT", "Dimension", "Spec", "describe",
-           "load_spec", "spec_names", "spec_path", "study_name", "suite_names"]  # the runner's API
+           "load_spec", "spec_names", "spec_path", "study_name", "suite_names", "toml_value"]
 
 SPEC_DIR = Path(__file__).with_name("specs")
 MERGED_TABLES = ("fixed", "space", "variants")  # merged entry by entry; other keys replace
@@ -233,6 +233,15 @@ def spec_path(name_or_path: str | Path) -> Path:
         raise UsageError(f"unknown study {text!r}; choose one of {', '.join(spec_names())} "
                          f"(files in {SPEC_DIR}) or pass a path to a .toml spec")
     return path
+
+
+def toml_value(text: str):
+    """`text` as a TOML value reads (4, 1e-3, true, [400, 200]), else the text itself
+    (likelihood=gaussian on a command line)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _read_toml(path: Path) -> dict:
