@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from study import classifier as classifiers
 from study.errors import UsageError
+from study.evidence import write_evidence
 from study.grid import FINISHED, count_states
 from study.liveness import close_dead_parent_runs, say, this_process
 from study.paths import default_data_root
@@ -201,7 +202,8 @@ def prepare_classifiers(specs: list[Spec], data_root: str, device: str) -> None:
 
 def create_parent_run(study, spec: Spec, tracker: Tracker, experiment_id: str,
                       options: SuiteOptions) -> str:
-    """This invocation's study run, with the spec as an artifact; linked from the study."""
+    """This invocation's study run, with the spec and the data evidence (study.evidence) as
+    artifacts; linked from the study."""
     tags = {"study": spec.name, "profile": spec.profile, "run_kind": "study",
             NOTE: spec.description,
             "runner_process": json.dumps(this_process()),
@@ -214,8 +216,9 @@ def create_parent_run(study, spec: Spec, tracker: Tracker, experiment_id: str,
     parent = tracker.start_run(experiment_id,
                                f"{spec.study_name}/run-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags, params)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the spec, and the data evidence reports show
         Path(tmp, "spec.json").write_text(json.dumps(spec.table, indent=2, default=str))
+        write_evidence(datasets_of(spec), default_data_root(), Path(tmp))
         tracker.log_artifacts(parent, Path(tmp))
     for key, value in {"spec": spec.name, "profile": spec.profile,
                        "mlflow_parent_run_id": parent, "mlflow_experiment_id": experiment_id,
