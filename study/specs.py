@@ -326,6 +326,12 @@ def load_spec(name_or_path: str | Path, profile: str = "default") -> Spec:
 # --------------------------------------------------------------------------- what types cannot say
 
 
+def _keys(table, key: str) -> list:
+    """The keys of `table[key]` as written, when it is a table."""
+    value = table.get(key) if isinstance(table, dict) else None
+    return list(value) if isinstance(value, dict) else []
+
+
 def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str]]:
     """The Spec of one profile, or None and the problems of the entries taken together."""
     merged = {k: v for k, v in table.items() if k != "profiles"}
@@ -337,7 +343,8 @@ def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str
     if data is None:
         return None, []
     failed = failed_keys(errors)  # left out: checks on them would mislead
-    fixed, space, problems = _sugar(data, set_fields(data.fixed), set_fields(data.space))
+    fixed, space, problems = _sugar(data, set_fields(data.fixed, _keys(merged, "fixed")),
+                                    set_fields(data.space, _keys(merged, "space")))
     base = Config(**fixed)
     base_problems = base.validate()
     problems += [f"fixed: {p}" for p in base_problems]
@@ -347,7 +354,7 @@ def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str
         dimensions += [dimension] if dimension else []
         problems += found
     for name, bundle in data.variants.items():
-        fields = set_fields(bundle)
+        fields = set_fields(bundle, _keys(merged.get("variants", {}), name))
         problems += [f"variants.{name} sets {k}, which is also searched; keep one"
                      for k in fields if k in space]
         fields = {k: v for k, v in fields.items() if k not in space}

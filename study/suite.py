@@ -74,11 +74,13 @@ class Prepared:
 
 def spec_settings(spec: Spec) -> dict:
     """What a study's trials compute, as plain JSON: the fixed config (less the fields that
-    only say where and how fast it runs), the variants' bundles and the search space."""
+    only say where and how fast it runs), the variants' bundles, the search space (its
+    dimensions sorted: their order changes the grid's order, not its points) and the
+    objectives."""
     fixed = {k: v for k, v in dataclasses.asdict(spec.base).items()
              if k not in RUN_ONLY_FIELDS and k != "extra"}
     return json.loads(json.dumps({"fixed": fixed, "variants": spec.variants,
-                                  "space": [d.describe() for d in spec.dimensions],
+                                  "space": sorted(d.describe() for d in spec.dimensions),
                                   "objectives": [list(o) for o in spec.objectives]},
                                  default=str))
 
@@ -91,6 +93,7 @@ def check_settings(study, spec: Spec, storage_label: str) -> None:
     if theirs is None:
         study.set_user_attr("settings", ours)
         return
+    theirs = {**theirs, "space": sorted(theirs.get("space", []))}  # a set of dimensions
     if theirs == ours:
         return
     changed = [k for k in sorted({*ours["fixed"], *theirs["fixed"]})
