@@ -1,5 +1,5 @@
 """The optimizers: the learning-rate stages of Burda et al. 2016, BurdaAdam against the
-authors' update written out step by step."""
+authors' update written out step by step, and which Adam a config gets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from study.config import Config, burda_epochs
-from study.optim import BurdaAdam, lr_at
+from study.optim import BurdaAdam, lr_at, make_adam
 
 
 def test_burda_lr_schedule():
@@ -50,3 +50,17 @@ def test_burda_adam_is_the_authors_update():
     torch.testing.assert_close(state["exp_avg"], torch.tensor(m))
     torch.testing.assert_close(state["exp_avg_sq"], torch.tensor(v))
     assert float(state["step"]) == 3
+
+
+@pytest.mark.parametrize("optimizer, kind, grad_scale", [("adam", torch.optim.Adam, None),
+                                                        ("adam_burda", BurdaAdam, 20.0)])
+def test_make_adam_gives_the_configs_adam(optimizer, kind, grad_scale):
+    """torch's Adam, or BurdaAdam whose moments see the gradient times the batch size (the
+    authors differentiate the bound summed over the batch); lr, betas and eps as configured."""
+    config = Config(optimizer=optimizer, batch_size=20, lr=3e-3, adam_betas=(0.99, 0.999),
+                    adam_eps=1e-4)
+    opt = make_adam([torch.nn.Parameter(torch.zeros(3))], config)
+    assert type(opt) is kind
+    (group,) = opt.param_groups
+    assert (group["lr"], tuple(group["betas"]), group["eps"]) == (3e-3, (0.99, 0.999), 1e-4)
+    assert group.get("grad_scale") == grad_scale

@@ -1,6 +1,6 @@
 """Resumable states of a training run: a run stopped at an epoch end and resumed from its
 saved state ends exactly as one never stopped; states are saved at the configured cadence;
-a state saved before a field existed resumes with its default."""
+`resume_problem` says why a state cannot continue a run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import Recorder, same_but_time
 
-from study.resume import Checkpointing, TrainingStopped, resume_problem
+from study.resume import RESUME_FORMAT, RUN_ONLY_FIELDS, Checkpointing, TrainingStopped, resume_problem
 from study.train import train
 
 
@@ -71,3 +71,27 @@ def test_a_state_saved_before_a_field_existed_resumes_with_its_default(tiny_conf
     assert resume_problem(config, state) is None
     problem = resume_problem(config.replace(optimizer="adam_burda"), state)
     assert problem and "optimizer 'adam' -> 'adam_burda'" in problem
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(format=RESUME_FORMAT + 1), f"resume format {RESUME_FORMAT + 1}, expected {RESUME_FORMAT}"),
+    (dict(epoch=3), "the state is at epoch 3 of 3"),
+    (dict(epoch=0), "the state is at epoch 0 of 3"),
+    (dict(config_change=dict(beta=2.0)), "beta 2.0 -> 1.0"),
+    (dict(config_change=dict(hidden=[400, 200])), "hidden [400, 200] -> (400,)"),
+    *[(dict(config_change={name: value}), None) for name, value in
+      zip(RUN_ONLY_FIELDS, ("cuda", 7, True, 0.0, "/elsewhere"), strict=True)],
+])
+def test_resume_problem_names_what_differs(tiny_config, change, problem):
+    """Another format, a state at no epoch the run can go on from, or a config that computes
+    something else are refused; the fields that only say where and how fast a run trains
+    (RUN_ONLY_FIELDS) may differ."""
+    config = tiny_config.replace(epochs=3)
+    saved = {**dataclasses.asdict(config), **change.get("config_change", {})}
+    state = {"format": change.get("format", RESUME_FORMAT), "config": saved,
+             "epoch": change.get("epoch", 1)}
+    found = resume_problem(config, state)
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found, found

@@ -1,14 +1,16 @@
 """Training as a plain function on a real data subset: the loss falls, a seed reproduces its
-run, a NaN stops it naming the epoch and step."""
+run, a NaN stops it naming the epoch and step, and the callbacks are called as documented."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 from helpers import Recorder, same_but_time
 
-from study.train import NonFiniteLoss, train
+from study.errors import UsageError
+from study.train import NonFiniteLoss, resolve_device, train
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "continuous_bernoulli"])
@@ -43,3 +45,45 @@ def test_non_finite_loss_names_epoch_and_step(tiny_config):
     config = tiny_config.replace(lr=10.0, likelihood="gaussian_learned", epochs=3)
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch \d+ step \d+"):
         train(config, evaluate_at_end=False)
+
+
+@pytest.mark.parametrize("evaluate_at_end", [True, False])
+def test_on_train_end_is_called_once_with_the_result(tiny_config, evaluate_at_end):
+    """After the last epoch and the test evaluation: the callback sees the result train
+    returns, with its test metrics already there when they are computed."""
+    config = tiny_config.replace(epochs=2, train_subset=300, test_subset=100, test_iw_k=2)
+    rec = Recorder()
+    result = train(config, [rec], evaluate_at_end=evaluate_at_end)
+    assert len(rec.ends) == 1
+    seen, test_then = rec.ends[0]
+    assert seen is result
+    assert [e for e, _ in rec.epochs] == [1, 2] and len(result.history) == 2
+    assert test_then == result.test
+    if evaluate_at_end:
+        assert {"nelbo", "iwae_nll", "sse"} <= set(test_then)
+    else:
+        assert test_then == {}
+
+
+def test_on_train_end_is_not_called_when_training_fails(tiny_config):
+    rec = Recorder()
+    config = tiny_config.replace(lr=10.0, likelihood="gaussian_learned", epochs=3)
+    with pytest.raises(NonFiniteLoss):
+        train(config, [rec], evaluate_at_end=False)
+    assert rec.ends == []
+
+
+@pytest.mark.parametrize("cuda, mps, asked, expected", [
+    (True, True, "auto", "cuda"), (False, True, "auto", "mps"), (False, False, "auto", "cpu"),
+    (True, False, "cpu", "cpu"), (True, False, "cuda", "cuda"),
+    (False, False, "cuda", "device cuda requested but no CUDA GPU is visible"),
+    (False, False, "mps", "device mps requested but MPS is unavailable"),
+])
+def test_resolve_device(monkeypatch, cuda, mps, asked, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    if expected.startswith("device"):
+        with pytest.raises(UsageError, match=expected):
+            resolve_device(asked)
+    else:
+        assert resolve_device(asked) == expected
