@@ -109,7 +109,8 @@ def browser():
 # Order matters: the grid runs its points in this order. lr 1e-5 completes first; lr 1e-3
 # beats it at epoch 1 and completes; lr 10 diverges (a NaN in the first epoch, checked by
 # test_suite); lr 1e-8 is still at its initial loss after epoch 1, above the median of the
-# completed trials, so the median pruner prunes it before epoch 2.
+# completed trials, so the median pruner prunes it before epoch 2. checkpoint_minutes = 0
+# saves a resumable state at the end of epoch 1, which a finished run deletes.
 E2E_DESCRIPTION = "two complete, one diverging, one pruned"
 E2E = f"""
 description = "{E2E_DESCRIPTION}"
@@ -121,6 +122,7 @@ lr = [1e-5, 1e-3, 10.0, 1e-8]
 """ + TINY + """
 likelihood = "gaussian_learned"
 epochs = 2
+checkpoint_minutes = 0
 """
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import E2E_DESCRIPTION
 from helpers import (
     BETAS,
     GRID,
@@ -33,7 +34,7 @@ from study.config import Config
 from study.data import dataset_digest
 from study.model import build_model
 from study.runner import main
-from study.tracking import run_name
+from study.tracking import NOTE, run_name
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +74,25 @@ def test_trials_and_runs_link_both_ways(e2e):
         assert run.data.tags["study"] == "e2e"
         assert run.data.tags["optuna_study"] == "e2e-smoke"
         assert trial.user_attrs["invocation"] == run.data.tags["mlflow.parentRunId"]
+
+
+def test_trial_runs_are_named_by_what_they_trained(e2e):
+    """Read back from the store: dataset, likelihood, beta, latent size and seed (the e2e
+    trials differ only in lr, so they share one name; the trial number is a tag)."""
+    names = {run.info.run_name for run in e2e["children"]}
+    assert names == {"mnist gaussian_learned β=1 z=4 s0"}
+
+
+def test_the_experiment_and_the_study_run_carry_the_specs_description(e2e):
+    (parent,) = e2e["parents"]
+    assert parent.data.tags[NOTE] == E2E_DESCRIPTION
+    assert e2e["experiment"].tags[NOTE] == E2E_DESCRIPTION
+    assert e2e["study"].user_attrs["description"] == E2E_DESCRIPTION
+
+
+def test_the_optuna_study_names_its_objectives(e2e):
+    assert e2e["study"].metric_names == ["val/nelbo"]
+    assert e2e["study"].user_attrs["settings"]["objectives"] == [["val/nelbo", "minimize"]]
 
 
 def test_complete_trials_log_every_metric_param_and_tag(e2e):
@@ -120,6 +140,19 @@ def test_artifacts_exist_and_the_checkpoint_loads_with_weights_only(e2e, tmp_pat
     model = build_model(config, (1, 28, 28))
     model.load_state_dict(checkpoint["state_dict"])
     assert set(checkpoint["likelihood_state"]) == {"log_sigma"}
+
+
+def test_a_finished_run_keeps_no_resumable_state(e2e):
+    """checkpoint_minutes = 0 saved a state at the end of epoch 1 of 2 (into resume/); the
+    finished run deleted it: resume/ is gone from its artifacts and from the disk."""
+    client = e2e["client"]
+    for lr in (1e-5, 1e-3):
+        trial = e2e["by_lr"][lr]
+        assert trial.user_attrs["checkpoint_epoch"] == 1  # a state was saved
+        run = run_of(e2e, trial)
+        assert client.list_artifacts(run.info.run_id, "resume") == []
+        folder = Path(run.info.artifact_uri.removeprefix("file://"))
+        assert (folder / "checkpoint.pt").is_file() and not (folder / "resume").exists()
 
 
 def test_a_pruned_trial_ends_its_run_killed(e2e):

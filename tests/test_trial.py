@@ -122,6 +122,7 @@ def assert_resumed_like_uninterrupted(folder: Path, uninterrupted) -> tuple:
     assert got == expected_curves  # every epoch once, and the same numbers
     assert [s for s, _ in got["val/nelbo"]] == list(range(1, EPOCHS + 1))
     assert {k: v for k, v in run.data.metrics.items() if k.startswith("test/")} == expected_test
+    assert client.list_artifacts(run.info.run_id, "resume") == []  # deleted once finished
     study = optuna.load_study(study_name="resume-smoke", storage=f"sqlite:///{folder}/optuna.db")
     first, second = study.trials
     assert first.state.name == "FAIL" and second.state.name == "COMPLETE"
