@@ -1,13 +1,14 @@
 """The command line: `ui` (a real `mlflow server` over the study's store, asked over REST and
 looked at in Chromium) and `dashboard`, each on loopback unless --host says otherwise; `run`
-with --only and its refusals (one line, exit 2, nothing written); help and list; and make,
-whose echo shows no password."""
+with --only, --jobs and its refusals (one line, exit 2, nothing written); help, list and
+--version; and make, whose echo shows no password."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import subprocess
+import sys
 import urllib.parse
 
 import pytest
@@ -19,16 +20,26 @@ from helpers import (
     TINY,
     TRIAL_ARTIFACTS,
     assert_refused,
+    console_env,
     http_json,
     listening_on,
     load,
     run_study,
     serving,
+    vae_study,
     write_spec,
 )
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
+from study import runner
+from study.errors import UsageError
 from study.runner import main
+from study.workers import available_cores
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 def run_of(e2e, lr: float):
@@ -168,6 +179,24 @@ def test_only_runs_the_matching_grid_points(tmp_path, data_env, capsys):
     assert not empty.exists()
 
 
+@pytest.mark.parametrize("jobs, device, expected", [
+    ("auto", "cpu", "cores"), ("auto", "cuda", 1), ("auto", "gpu?", 1),
+    ("1", "cpu", 1), ("3", "cuda", 3),
+    ("0", "cpu", "--jobs must be `auto` or a count >= 1, got '0'"),
+    ("two", "cpu", "--jobs must be `auto` or a count >= 1, got 'two'"),
+])
+def test_jobs_is_a_count_or_auto(monkeypatch, jobs, device, expected):
+    """--jobs auto: one single-threaded worker per core on the CPU, one on a GPU (an unknown
+    device is left to the device check)."""
+    monkeypatch.setattr(runner, "resolve_device", lambda name: name)  # as if cuda were there
+    if isinstance(expected, str) and expected.startswith("--jobs"):
+        with pytest.raises(UsageError, match=expected):
+            runner.worker_count(jobs, device)
+        return
+    cores = available_cores()
+    assert runner.worker_count(jobs, device) == (cores if expected == "cores" else expected)
+
+
 def test_bad_names_exit_2(capsys, fresh_stores):
     folder, args = fresh_stores["folder"], fresh_stores["args"]
     assert_refused(capsys, ["run", "--study", "nope", *args], "unknown study 'nope'", folder)
@@ -183,7 +212,7 @@ def test_stop_after_must_be_positive(capsys, fresh_stores):
                    "--stop-after must be > 0 minutes, got 0.0", fresh_stores["folder"])
 
 
-# --------------------------------------------------------------------------- help, list
+# --------------------------------------------------------------------------- help, list, version
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["train"], ["list"], ["ui"], ["dashboard"]])
@@ -197,6 +226,18 @@ def test_list_prints_the_suite(capsys):
     out = capsys.readouterr().out
     suite = ["kl_dynamics", "loss_choice", "search_fashion", "search_mnist"]
     assert all(f"{name}-smoke" in out for name in suite)
+
+
+def test_version_prints_the_packages_version():
+    """The console script a user runs, against the version pyproject.toml declares."""
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    done = subprocess.run([vae_study(), "--version"], env=console_env(), capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"vae-study {declared}"
+
+
+# --------------------------------------------------------------------------- make
 
 
 def test_make_prints_no_password():
