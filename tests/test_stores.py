@@ -100,8 +100,13 @@ def nowhere_spec(tmp_path):
     return write_spec(tmp_path, "nowhere", 'sampler = "grid"\n[fixed]\nepochs = 1\n')
 
 
-def test_an_unreachable_postgresql_storage_fails_at_once_in_one_line(tmp_path):
-    storage = pg_url(free_port(), "optuna", scheme="postgresql")  # nothing listens there
+@pytest.mark.parametrize("server", ["none listening", "wrong password"])
+def test_an_unreachable_postgresql_storage_fails_at_once_in_one_line(tmp_path, request, server):
+    """Nothing on the port, or a real PostgreSQL that refuses the password: one line, the
+    password never shown."""
+    password = "Pw-wrong-91c4" if server == "wrong password" else PG_PASSWORD
+    port = request.getfixturevalue("postgres") if server == "wrong password" else free_port()
+    storage = pg_url(port, "optuna", scheme="postgresql", password=password)
     done = subprocess.run(  # refused at once; the command gives up after 15 s anyway
         [sys.executable, "-m", "study.runner", "run", "--study", str(nowhere_spec(tmp_path)),
          "--profile", "smoke", "--device", "cpu", "--storage", storage,
@@ -112,7 +117,9 @@ def test_an_unreachable_postgresql_storage_fails_at_once_in_one_line(tmp_path):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: cannot reach the Optuna storage postgresql://vae:***@")
     assert "--storage" in lines[0]
-    assert PG_PASSWORD not in done.stdout + done.stderr
+    assert password not in done.stdout + done.stderr
+    if server == "wrong password":
+        assert "password authentication failed" in lines[0]
 
 
 def test_an_unreachable_postgresql_tracking_uri_fails_at_once_in_one_line(tmp_path):
