@@ -1,6 +1,7 @@
-"""Crash safety: a study process killed with SIGKILL in the middle of a trial leaves both SQLite
-stores readable, and running the same command again finishes the grid with every point
-complete exactly once, the killed trial's run ended FAILED and no finished trial run twice."""
+"""Dead workers and runners: a study killed mid-trial (SIGKILL) leaves both SQLite stores
+readable and the same command finishes the grid, every point once; only this machine's dead
+workers are failed at once, other trials wait for the heartbeat, which fails them later; a
+resumed run is not closed as an orphan; and workers die with a killed runner."""
 
 from __future__ import annotations
 
@@ -9,30 +10,44 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
-from conftest import paused
+from helpers import (
+    DEADLINE_S,
+    GRID,
+    TINY,
+    integrity,
+    load,
+    paused,
+    read_rows,
+    run_args,
+    run_study,
+    start_runner,
+    three_betas,
+    trial_runs,
+    write_spec,
+)
 from mlflow import MlflowClient
 
-from study import runner
+from study import stores
+from study.liveness import (
+    close_orphan_runs,
+    fail_dead_local_trials,
+    worker_process,
+)
+from study.stores import open_storage
 from study.tracking import Tracker
 
-REPO = Path(__file__).resolve().parents[1]
-# The waits below end on events (a trial's state, a process's exit); their deadline only bounds
-# a hang, generously, so that a slow or busy machine cannot fail them.
-DEADLINE_S = 600
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
 
 # Four points; the kill lands inside the second or a later one (see the test), which need
 # only outlast one 50 ms poll.
-SPEC = """
+CRASH_SPEC = """
 sampler = "grid"
 [space]
 beta = [0.5, 1.0, 2.0, 4.0]
@@ -45,45 +60,14 @@ test_iw_k = 5
 latent_dim = 4
 epochs = 3
 """
-BETAS = [0.5, 1.0, 2.0, 4.0]
-
-
-@pytest.fixture
-def data_env(data_root, monkeypatch):
-    monkeypatch.setenv("VAE_DATA_ROOT", str(data_root))
-    return data_root
-
-
-def start_runner(args: list[str], log_path: Path) -> subprocess.Popen:
-    """`python -m study.runner ARGS` in its own session, output to `log_path`. OpenMP threads
-    sleep rather than spin when they wait: on a shared 2-core machine spinning threads made
-    an epoch 40x slower."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "study.runner", *args], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def read_rows(db: Path, query: str, *args) -> list:
-    """The rows of `query`, read-only, straight from SQLite (opening an Optuna storage could
-    race the runner creating the schema); none while the file or its tables do not exist yet,
-    or SQLite is busy (rarely, for a reader of a WAL database)."""
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-    try:
-        return conn.execute(query, args).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
+CRASH_BETAS = [0.5, 1.0, 2.0, 4.0]
 
 
 def read_trials(db: Path) -> list[tuple[int, str, str | None]]:
     """(number, state, mlflow_run_id JSON) of every trial."""
     return read_rows(db, "SELECT t.number, t.state, a.value_json FROM trials t LEFT JOIN "
                          "trial_user_attributes a ON a.trial_id = t.trial_id AND "
-                         "a.key = 'mlflow_run_id' ORDER BY t.number")
+                         "a.key = 'mlflow_run_id' ORDER BY t.number") or []
 
 
 def victim(optuna_db: Path, mlflow_db: Path) -> tuple[int, str] | None:
@@ -103,20 +87,10 @@ def victim(optuna_db: Path, mlflow_db: Path) -> tuple[int, str] | None:
     return None
 
 
-def integrity(db: Path) -> str:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        conn.close()
-
-
 def test_a_study_killed_mid_trial_resumes_with_every_point_once(tmp_path, data_env):
-    spec = tmp_path / "crash.toml"
-    spec.write_text(textwrap.dedent(SPEC))
+    spec = write_spec(tmp_path, "crash", CRASH_SPEC)
     optuna_db, mlflow_db = tmp_path / "optuna.db", tmp_path / "mlflow.db"
-    args = ["run", "--study", str(spec), "--profile", "smoke", "--device", "cpu",
-            "--storage", f"sqlite:///{optuna_db}", "--tracking-uri", f"sqlite:///{mlflow_db}"]
+    args = run_args(spec, tmp_path)
     log_path = tmp_path / "killed.log"
     proc = start_runner(args, log_path)
     deadline = time.monotonic() + DEADLINE_S
@@ -163,7 +137,7 @@ def test_a_study_killed_mid_trial_resumes_with_every_point_once(tmp_path, data_e
 
     study = optuna.load_study(study_name="crash-smoke", storage=f"sqlite:///{optuna_db}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert sorted(t.params["beta"] for t in complete) == BETAS  # every point, each once
+    assert sorted(t.params["beta"] for t in complete) == CRASH_BETAS  # every point, each once
     assert study.trials[number].state.name == "FAIL"
     (retried,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
     assert retried.state.name == "COMPLETE" and retried.params == killed.params
@@ -173,7 +147,7 @@ def test_a_study_killed_mid_trial_resumes_with_every_point_once(tmp_path, data_e
     children = client.search_runs([experiment.experiment_id], "tags.run_kind = 'trial'",
                                   max_results=100)
     runs_per_point = collections.Counter(float(r.data.params["beta"]) for r in children)
-    assert runs_per_point == {b: 2 if b == killed.params["beta"] else 1 for b in BETAS}
+    assert runs_per_point == {b: 2 if b == killed.params["beta"] else 1 for b in CRASH_BETAS}
     for beta, old_run in before.items():  # finished before the kill: not run again
         assert [r.info.run_id for r in children if float(r.data.params["beta"]) == beta] == [old_run]
     dead_run = client.get_run(run_id)
@@ -199,7 +173,7 @@ def test_a_study_killed_mid_trial_resumes_with_every_point_once(tmp_path, data_e
 
 def test_only_this_machines_dead_workers_are_failed(tmp_path):
     """The rules of fail_dead_local_trials, on RUNNING trials made by hand."""
-    storage = runner.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db")
     study = optuna.create_study(study_name="rules", storage=storage)
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     exited = subprocess.Popen(["true"])
@@ -211,7 +185,7 @@ def test_only_this_machines_dead_workers_are_failed(tmp_path):
         return trial.number
 
     def me(n):
-        return runner.worker_process(n)
+        return worker_process(n)
 
     alive = running(me)
     gone = running(lambda n: {**me(n), "pid": exited.pid})
@@ -221,7 +195,7 @@ def test_only_this_machines_dead_workers_are_failed(tmp_path):
     copied = running(lambda n: {**me(n - 1), "pid": exited.pid})  # inherited by a re-queued trial
     no_record = study.ask().number
 
-    assert runner.fail_dead_local_trials(study, tracker) == [gone, reused]
+    assert fail_dead_local_trials(study, tracker) == [gone, reused]
     states = {t.number: t.state.name for t in study.trials}
     for n in (alive, elsewhere, other_ns, copied, no_record):
         assert states[n] == "RUNNING", n  # the heartbeat's business
@@ -229,4 +203,90 @@ def test_only_this_machines_dead_workers_are_failed(tmp_path):
     requeued = [t for t in study.trials if t.state.name == "WAITING"]
     assert sorted(t.system_attrs["failed_trial"] for t in requeued) == [gone, reused]
     assert all("x" in t.params for t in requeued)  # same params, run again
-    assert runner.fail_dead_local_trials(study, tracker) == []  # once only
+    assert fail_dead_local_trials(study, tracker) == []  # once only
+
+
+def test_a_resumed_run_is_not_closed_as_an_orphan(tmp_path):
+    """close_orphan_runs ends the RUNNING run of a failed trial, unless a running trial of its
+    own worker resumed that run; a re-queued copy that only inherited the attrs claims none."""
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(study_name="orphans", storage=storage)
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = tracker.experiment_id("orphans")
+    resumed, orphan = (tracker.start_run(experiment, name, {}) for name in ("resumed", "orphan"))
+
+    def trial(run_id, state, own_worker):
+        t = study.ask()
+        t.set_user_attr("mlflow_run_id", run_id)
+        owner = worker_process(t.number if own_worker else t.number - 1)
+        t.set_user_attr("worker_process", owner)
+        if state == "FAIL":
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+
+    trial(resumed, "FAIL", own_worker=True)  # stopped; a later trial resumed its run:
+    trial(resumed, "RUNNING", own_worker=True)
+    trial(orphan, "FAIL", own_worker=True)  # died; its copy only inherited the attrs:
+    trial(orphan, "RUNNING", own_worker=False)
+    close_orphan_runs(study, tracker)
+    assert tracker.client.get_run(resumed).info.status == "RUNNING"
+    assert tracker.client.get_run(orphan).info.status == "FAILED"
+
+
+def test_a_trial_whose_worker_died_is_failed_and_run_again(tmp_path, data_env, monkeypatch):
+    """A RUNNING trial whose heartbeat stopped (its process was killed) is marked FAIL, its
+    MLflow run is closed FAILED, and the same params run again in a new trial."""
+    monkeypatch.setattr(stores, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(stores, "GRACE_S", 2)
+    spec = write_spec(tmp_path, "dead", GRID + "[space]\nbeta = [0.5, 1.0]\n" + TINY + "epochs = 1\n")
+    folder = tmp_path / "stores"
+    storage = open_storage(f"sqlite:///{folder}/optuna.db")
+    study = optuna.create_study(study_name="dead-smoke", storage=storage)
+    study.enqueue_trial({"beta": 0.5})
+    dead = study.ask()
+    dead.suggest_categorical("beta", [0.5, 1.0])
+    tracker = Tracker(f"sqlite:///{folder}/mlflow.db")
+    dead_run = tracker.start_run(tracker.experiment_id("dead"), "mnist bernoulli β=0.5 z=4 s0",
+                                 {"run_kind": "trial", "profile": "smoke"})
+    dead.set_user_attr("mlflow_run_id", dead_run)
+    storage.record_heartbeat(dead._trial_id)  # then the worker "dies": no more heartbeats
+    time.sleep(3)
+
+    assert run_study(spec, folder) == 0
+    study, client, _, _, _ = load(folder, "dead")
+    trials = study.trials
+    assert trials[0].state.name == "FAIL"
+    assert client.get_run(dead_run).info.status == "FAILED"
+    assert "worker died" in client.get_run(dead_run).data.tags["failure_reason"]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    assert retried[0].params == {"beta": 0.5}
+    assert sorted(t.params["beta"] for t in trials if t.state.name == "COMPLETE") == [0.5, 1.0]
+
+
+def test_workers_die_with_a_killed_runner(tmp_path, data_env):
+    """kill -9 of a runner with two workers: the kernel's parent-death signal stops each
+    worker at its epoch end (a resumable state, the run KILLED), and the last to go ends the
+    invocation's study run; nothing trains on unsupervised."""
+    spec, folder = three_betas(tmp_path, epochs=200), tmp_path / "stores"
+    proc = start_runner(run_args(spec, folder, "--jobs", "2"), tmp_path / "run.log")
+    deadline = time.monotonic() + DEADLINE_S
+    while len([r for r in trial_runs(folder, "three") if r.info.status == "RUNNING"]) < 2:
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children()
+               if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=DEADLINE_S)
+    assert not alive
+    statuses = sorted(r.info.status for r in trial_runs(folder, "three"))
+    assert statuses == ["KILLED", "KILLED"], statuses
+    for run in trial_runs(folder, "three"):
+        assert "the same command again to resume" in run.data.tags["stop_reason"]
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    (parent,) = client.search_runs([trial_runs(folder, "three")[0].info.experiment_id],
+                                   "tags.run_kind = 'study'")
+    assert parent.info.status == "KILLED", (tmp_path / "run.log").read_text()[-3000:]
+    assert parent.data.tags["stop_reason"] == f"the runner process {proc.pid} died"
