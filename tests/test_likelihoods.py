@@ -140,10 +140,6 @@ def test_gaussian_optimal_keeps_sigma_at_least_e_minus_6(error):
                                rtol=1e-5, atol=1e-2)
 
 
-@pytest.mark.xfail(strict=True, reason="study bug: GaussianOptimal.end_epoch inverts "
-                   "-log p = (D/2)(1 + log 2 pi sigma^2), which holds only where sigma^2 is the "
-                   "batch MSE; where the steps' sigma was clipped at e^-6 it recovers sigma = "
-                   "e^-6.5, so evaluation scores below the documented floor")
 @pytest.mark.parametrize("error", [0.0, 1e-5])
 def test_gaussian_optimal_evaluates_at_no_sigma_below_e_minus_6(error):
     """After an epoch whose steps were all at the floor, evaluation scores at sigma = e^-6."""

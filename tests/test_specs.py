@@ -179,10 +179,6 @@ def test_extends_overrides_the_base(tmp_path):
     assert len(spec.grid()) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="study bug: spec_schema.set_fields iterates pydantic's "
-                   "model_fields_set, a set of strings whose order follows the process's hash "
-                   "seed, so [space] dimensions (and the grid's order, and the recorded settings "
-                   "check_settings compares) change from one process to the next")
 def test_dimensions_keep_the_files_order_in_every_process():
     """loss_choice writes seeds, datasets, then [space] likelihood, beta: every process,
     whatever its hash seed, must see that order (a study's recorded settings list it)."""

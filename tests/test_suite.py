@@ -244,10 +244,6 @@ def test_a_spec_changed_under_its_study_is_refused(tmp_path, data_env, capsys):
     assert run_study(spec, folder) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="study bug: a spec's [space] order follows the hash "
-                   "seed (test_specs::test_dimensions_keep_the_files_order_in_every_process); "
-                   "check_settings compares the recorded space as an ordered list and refuses "
-                   "the next invocation with '(changed: space)' when its order differs")
 def test_running_again_in_another_process_is_not_refused(tmp_path, data_env):
     """What `make study` does the next day: the same spec run again by a new process (here
     with another hash seed, as every new process has one) goes on with the study."""

@@ -129,10 +129,7 @@ def test_a_study_and_a_worker_share_postgresql_and_a_tracking_server(postgres, t
     spec = write_spec(tmp_path, "scaleout", SPEC)
     common = ["--study", str(spec), "--tracking-uri", base, "--profile", "smoke", "--device", "cpu"]
     logs = [tmp_path / "first.log", tmp_path / "worker.log"]
-    # One hash seed for both: a spec's [space] order follows it, and a worker whose order
-    # differs is refused (the study bug test_specs and test_suite pin with strict xfails);
-    # this test is about the worker joining, not about that.
-    env = {"PYTHONHASHSEED": "0"}
+    env = {"PYTHONHASHSEED": "0"}  # and the worker gets another: the order must not matter
     first = start_runner(["run", "--storage", pg_url(postgres, "optuna"), "--only",
                           f"latent_dim={LATENT_DIMS[0]}", *common], logs[0], env=env, core=0)
     procs = [first]
@@ -147,7 +144,7 @@ def test_a_study_and_a_worker_share_postgresql_and_a_tracking_server(postgres, t
         # what `make worker` runs; the plain postgresql:// scheme reaches the same database
         procs.append(start_runner(["run", "--worker", "--storage",
                                    pg_url(postgres, "optuna", scheme="postgresql"), *common],
-                                  logs[1], env=env, core=1))
+                                  logs[1], env={"PYTHONHASHSEED": "3"}, core=1))
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
         for proc in procs:
