@@ -343,8 +343,9 @@ PG_USER = "vae"
 PG_PASSWORD = "Pw-7d1e0c-not-in-logs"  # distinctive, so any leak is found
 
 
-def pg_url(port: int, database: str, scheme: str = "postgresql+psycopg2",
+def pg_url(port: int, database: str, scheme: str = "postgresql",
            password: str = PG_PASSWORD) -> str:
+    """A URL any installed driver serves; the study CLI also takes postgresql+psycopg2://."""
     return f"{scheme}://{PG_USER}:{password}@127.0.0.1:{port}/{database}"
 
 

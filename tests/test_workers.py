@@ -130,8 +130,9 @@ def test_a_study_and_a_worker_share_postgresql_and_a_tracking_server(postgres, t
     common = ["--study", str(spec), "--tracking-uri", base, "--profile", "smoke", "--device", "cpu"]
     logs = [tmp_path / "first.log", tmp_path / "worker.log"]
     env = {"PYTHONHASHSEED": "0"}  # and the worker gets another: the order must not matter
-    first = start_runner(["run", "--storage", pg_url(postgres, "optuna"), "--only",
-                          f"latent_dim={LATENT_DIMS[0]}", *common], logs[0], env=env, core=0)
+    old_scheme = pg_url(postgres, "optuna", scheme="postgresql+psycopg2")  # served by psycopg 3
+    first = start_runner(["run", "--storage", old_scheme, "--only", f"latent_dim={LATENT_DIMS[0]}",
+                          *common], logs[0], env=env, core=0)
     procs = [first]
     deadline = time.monotonic() + DEADLINE_S
     try:
@@ -142,8 +143,8 @@ def test_a_study_and_a_worker_share_postgresql_and_a_tracking_server(postgres, t
                                            "WHERE state IN ('RUNNING', 'COMPLETE')"),
                    first, logs[0], deadline)
         # what `make worker` runs; the plain postgresql:// scheme reaches the same database
-        procs.append(start_runner(["run", "--worker", "--storage",
-                                   pg_url(postgres, "optuna", scheme="postgresql"), *common],
+        procs.append(start_runner(["run", "--worker", "--storage", pg_url(postgres, "optuna"),
+                                   *common],
                                   logs[1], env={"PYTHONHASHSEED": "3"}, core=1))
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
