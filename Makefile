@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PROFILE      ?= default
 STUDY        ?=
 DEVICE       ?= auto
-JOBS         ?= 1
+JOBS         ?= auto
 STORAGE      ?= sqlite:///$(CURDIR)/mlruns/optuna.db
 TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 HOST         ?= 127.0.0.1
@@ -22,6 +22,8 @@ DATA_STAMP := data/.verified
 # that a PostgreSQL password is neither echoed by make nor visible in a process list.
 export VAE_STORAGE = $(STORAGE)
 export VAE_TRACKING_URI = $(TRACKING_URI)
+CHROMIUM ?= chromium
+INITDB   ?= /usr/lib/postgresql/*/bin/initdb
 REDACT := sed -E 's\#(://[^:/@]*):[^@]*@\#\1:***@\#g'
 RUN_OPTS = --profile $(PROFILE) --jobs $(JOBS) --device $(DEVICE) $(if $(STUDY),--study $(STUDY)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER)) $(foreach o,$(ONLY),--only $(o))
 
@@ -61,18 +63,21 @@ ui: setup ## serve the MLflow UI on HOST:PORT (default 127.0.0.1:5000)
 dashboard: setup ## serve optuna-dashboard over STORAGE on HOST:PORT (default 127.0.0.1:8080)
 	$(PY) -m study.runner dashboard --host $(HOST) --port $(or $(PORT),8080)
 
+# Checked when `system` runs: a missing package for a user who cannot install it is one line
+# from make itself ($(error)), exit status 2, before anything else runs.
+MISSING_PACKAGES = $(strip $(if $(shell command -v $(CHROMIUM)),,chromium) \
+                           $(if $(wildcard $(INITDB)),,postgresql))
+CAN_INSTALL = $(and $(filter 0,$(shell id -u)),$(shell command -v apt-get))
+
 system: ## install the Debian packages the tests need (chromium, postgresql) where root, else name them
-	@missing=""; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  command -v npm >/dev/null || missing="$$missing npm"; \
-	  echo "installing Debian packages the tests need:$$missing"; \
+	$(if $(MISSING_PACKAGES),$(if $(CAN_INSTALL),,$(error the tests need the system packages \
+	  $(MISSING_PACKAGES); install them (Debian/Ubuntu: sudo apt-get install -y \
+	  $(MISSING_PACKAGES)) and run make test again)))
+	@if [ -n "$(MISSING_PACKAGES)" ]; then \
+	  packages="$(MISSING_PACKAGES)"; command -v npm >/dev/null || packages="$$packages npm"; \
+	  echo "installing the Debian packages the tests need: $$packages"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing || exit 2; \
-	elif [ -n "$$missing" ]; then \
-	  echo "error: the tests need the system packages$$missing; install them (Debian/Ubuntu: sudo apt-get install -y$$missing) and run make test again" >&2; \
-	  exit 2; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$packages || exit 2; \
 	fi
 
 test: system setup data ## run every test (pytest); installs chromium and postgresql first where root

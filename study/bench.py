@@ -13,7 +13,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,27 +22,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from study.classifier import Classifiers
 from study.config import Config
 from study.data import Split, Splits, load_splits, splits_for
 from study.denormals import flush_denormals
 from study.evaluate import evaluate_elbo, evaluate_iwae
 from study.model import build_model
 from study.objective import elbo_terms
+from study.specs import load_spec
+from study.tracking import machine_name
 from study.train import Trainer, resolve_device, train
 
 
 def machine(device: str) -> dict:
     """CPU model and threads, or the GPU's name."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device": device}
+    info = {"cpu": machine_name("cpu"), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": device}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -233,11 +228,19 @@ def _scaling_worker(args) -> tuple[int, float, float]:
     config, trials, threads = args
     torch.set_num_threads(threads)
     splits = splits_for(config)
-    train(config.replace(seed=999), splits=splits, evaluate_at_end=False)  # warm-up, untimed
+    classifier = Classifiers(config.data_root).get(config.dataset)  # as a study's worker has
+    warm_up = config.replace(seed=999, epochs=1)  # untimed: imports, allocations, caches
+    train(warm_up, splits=splits, classifier=classifier)
     start = time.monotonic()
     for t in range(trials):
-        train(config.replace(seed=t), splits=splits, evaluate_at_end=False)
+        train(config.replace(seed=t), splits=splits, classifier=classifier)
     return trials, start, time.monotonic()
+
+
+def default_trial(data_root: str) -> Config:
+    """The first trial of the default loss_choice study: what a trial of `make study` costs."""
+    spec = load_spec("loss_choice", "default")
+    return spec.config_for(spec.grid()[0], device="cpu", data_root=data_root)
 
 
 def trials_per_hour(config: Config, jobs: int, trials: int) -> dict:
@@ -257,6 +260,68 @@ def trials_per_hour(config: Config, jobs: int, trials: int) -> dict:
             "startup_seconds": first - t, "threads_per_worker": threads}
 
 
+def alternated_epochs(loops, device: str, measured: int, peak_size: int,
+                      peak_repeats: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds of each loop's epochs, alternated round by round after one warm-up epoch each
+    (which also compiles), and the matmul peak measured beside every round: the host's speed
+    drifts within minutes, so each epoch is set against the peak of its own round."""
+    times = {name: [] for name, _ in loops}
+    peaks = []
+    for rep in range(1 + measured):
+        if rep > 0:
+            peaks.append(matmul_peak_gflops(device, n=peak_size, repeats=peak_repeats))
+        for name, runner in loops:
+            # the example does not flush denormals; `baseline_flushed` is the same loop with
+            # them flushed on every thread, as our Trainer flushes them
+            flush_denormals(name != "baseline")
+            _sync(device)
+            t = time.perf_counter()
+            runner.run_epoch()
+            _sync(device)
+            if rep > 0:
+                times[name].append(time.perf_counter() - t)
+    flush_denormals()
+    return times, peaks
+
+
+def scaling(data_root: str, quick: bool) -> dict:
+    """Trials per hour of a default loss_choice trial with JOBS = 1 and 2 (quick: one tiny
+    epoch), with the trial described."""
+    config = default_trial(data_root)
+    if quick:
+        config = config.replace(epochs=1, train_subset=1024, val_size=500, test_subset=200,
+                                test_iw_k=5)
+    runs = {f"jobs_{j}": trials_per_hour(config, j, 2 if quick else 4) for j in (1, 2)}
+    images = config.train_subset or 60_000 - config.val_size
+    return {
+        "trials_per_hour": {k: v["trials_per_hour"] for k, v in runs.items()},
+        "trials_per_hour_startup_seconds": {k: v["startup_seconds"] for k, v in runs.items()},
+        "scaling_trial": f"a loss_choice trial of the {'quick' if quick else 'default'} "
+                         f"budget, {config.epochs} epoch(s) over {images} images with its test "
+                         f"metrics; steady state, after each worker's start-up and a warm-up "
+                         f"trial",
+    }
+
+
+def loop_figures(times: dict[str, list[float]], peaks: list[float], flops_per_image: float,
+                 n: int) -> dict:
+    """Medians of the alternated epochs: seconds, images per second, the speed-ups against
+    the example (as written, and with denormals flushed) and the fractions of the peak."""
+    sec = {k: statistics.median(v) for k, v in times.items()}
+    out = {"seconds_per_epoch": sec, "images_per_second": {k: n / v for k, v in sec.items()},
+           "training_gflop_per_image": flops_per_image / 1e9,
+           "matmul_peak_gflops": statistics.median(peaks), "matmul_peak_gflops_each_round": peaks}
+    for ours, suffix in (("ours", ""), ("ours_compiled", "_compiled")):
+        achieved = flops_per_image * n / sec[ours] / 1e9
+        out[f"speedup{suffix}_vs_baseline"] = sec["baseline"] / sec[ours]
+        out[f"speedup{suffix}_vs_baseline_flushed"] = sec["baseline_flushed"] / sec[ours]
+        out[f"achieved_gflops{suffix}"] = achieved
+        out[f"fraction_of_peak{suffix}"] = statistics.median(
+            flops_per_image * n / t / 1e9 / p for t, p in zip(times[ours], peaks, strict=True))
+        out[f"fraction_of_best_peak{suffix}"] = achieved / max(peaks)
+    return out
+
+
 def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
     device = resolve_device(device)
     subset = 2048 if quick else None
@@ -267,7 +332,8 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
     ours = Trainer(config, splits)
     ours_compiled = Trainer(config.replace(compile=True), splits)  # same seed, same noise
     base = ExampleBaseline(config, device, subset)
-    base_flushed = ExampleBaseline(config, device, subset)
+    loops = (("ours", ours), ("ours_compiled", ours_compiled), ("baseline", base),
+             ("baseline_flushed", ExampleBaseline(config, device, subset)))
     n = len(splits.train)
     flops_per_image = training_flops_per_image(ours)
     peak_size, peak_repeats = (512, 3) if quick else (2048, 10)
@@ -277,57 +343,20 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
     torch.set_num_threads(threads)
 
     measured = 1 if quick else epochs
-    loops = (("ours", ours), ("ours_compiled", ours_compiled), ("baseline", base),
-             ("baseline_flushed", base_flushed))
-    times = {name: [] for name, _ in loops}
-    # The host's speed drifts by a quarter within minutes, so the matmul peak is measured
-    # again beside every measured round, and each epoch of ours is set against the peak of
-    # its own round.
-    peaks = []
-    for rep in range(1 + measured):  # the first epoch of each warms up (and compiles)
-        if rep > 0:
-            peaks.append(matmul_peak_gflops(device, n=peak_size, repeats=peak_repeats))
-        for name, runner in loops:
-            # The example does not flush denormals, so its baseline runs without them
-            # flushed; `baseline_flushed` is the same loop with them flushed on every
-            # thread, as our Trainer flushes them.
-            flush_denormals(name != "baseline")
-            _sync(device)
-            t = time.perf_counter()
-            runner.run_epoch()
-            _sync(device)
-            if rep > 0:
-                times[name].append(time.perf_counter() - t)
-    flush_denormals()
-    sec = {k: statistics.median(v) for k, v in times.items()}
-    peak = statistics.median(peaks)
-    fraction = {k: statistics.median(flops_per_image * n / t / 1e9 / p
-                                     for t, p in zip(times[k], peaks, strict=True))
-                for k in ("ours", "ours_compiled")}
-    test_ours = evaluate_elbo(ours.model, ours.likelihood, splits.test, config, seed=1)["nelbo"]
-    test_compiled = evaluate_elbo(ours_compiled.model, ours_compiled.likelihood, splits.test,
-                                  config, seed=1)["nelbo"]
-    test_base = evaluate_elbo(base.model, ours.likelihood, splits.test, config, seed=1)["nelbo"]
-    achieved = flops_per_image * n / sec["ours"] / 1e9
-    achieved_compiled = flops_per_image * n / sec["ours_compiled"] / 1e9
-
+    times, peaks = alternated_epochs(loops, device, measured, peak_size, peak_repeats)
+    speed = loop_figures(times, peaks, flops_per_image, n)
+    test = {name: evaluate_elbo(trainer.model, ours.likelihood, splits.test, config,
+                                seed=1)["nelbo"]
+            for name, trainer in (("ours", ours), ("ours_compiled", ours_compiled),
+                                  ("baseline", base))}
     gemm_bound = model_gemm_gflops(ours.model, config.batch_size, device,  # beside its use
                                    steps=5 if quick else 50, repeats=2 if quick else 5)
     breakdown = step_breakdown(ours, gemm_bound, flops_per_image, repeats=2 if quick else 3)
-
     iw_images, iw_k = (20, 50) if quick else (500, 1000)
     t = time.perf_counter()
     evaluate_iwae(ours.model, ours.likelihood, splits.test, k=iw_k, images=iw_images)
     iw_rate = iw_images / (time.perf_counter() - t)
-
-    track_cfg = config.replace(epochs=1, train_subset=None)
-    overhead = tracking_overhead(track_cfg, splits)
-
-    scale_cfg = config.replace(epochs=1, train_subset=1024 if quick else 10_000,
-                               val_size=500, device="cpu", threads=None)
-    scale_trials = 2 if quick else 8
-    scaling_runs = {f"jobs_{j}": trials_per_hour(scale_cfg, j, scale_trials) for j in (1, 2)}
-    scaling = {k: v["trials_per_hour"] for k, v in scaling_runs.items()}
+    overhead = tracking_overhead(config.replace(epochs=1, train_subset=None), splits)
 
     return {
         "quick": quick,
@@ -336,34 +365,17 @@ def run(quick: bool, device: str, data_root: str, epochs: int) -> dict:
         "train_images": n,
         "batch_size": config.batch_size,
         "epochs_measured": measured,
-        "seconds_per_epoch": sec,
-        "images_per_second": {k: n / v for k, v in sec.items()},
-        "speedup_vs_baseline": sec["baseline"] / sec["ours"],
-        "speedup_compiled_vs_baseline": sec["baseline"] / sec["ours_compiled"],
-        "speedup_vs_baseline_flushed": sec["baseline_flushed"] / sec["ours"],
-        "speedup_compiled_vs_baseline_flushed": sec["baseline_flushed"] / sec["ours_compiled"],
-        "training_gflop_per_image": flops_per_image / 1e9,
-        "achieved_gflops": achieved,
-        "matmul_peak_gflops": peak,
-        "matmul_peak_gflops_each_round": peaks,
+        **speed,
         "matmul_peak_gflops_one_thread": peak_one_thread,
-        "fraction_of_peak": fraction["ours"],
-        "fraction_of_best_peak": achieved / max(peaks),
         "model_gemm_gflops": gemm_bound,
-        "model_gemm_fraction_of_peak": gemm_bound / peak,
+        "model_gemm_fraction_of_peak": gemm_bound / speed["matmul_peak_gflops"],
         "step_breakdown": breakdown,
-        "achieved_gflops_compiled": achieved_compiled,
-        "fraction_of_peak_compiled": fraction["ours_compiled"],
-        "fraction_of_best_peak_compiled": achieved_compiled / max(peaks),
-        "test_nelbo": {"ours": test_ours, "ours_compiled": test_compiled, "baseline": test_base,
-                       "epochs_each": 1 + measured},
-        "test_nelbo_gap": max(abs(test_ours - test_base), abs(test_compiled - test_base)),
+        "test_nelbo": {**test, "epochs_each": 1 + measured},
+        "test_nelbo_gap": max(abs(test["ours"] - test["baseline"]),
+                              abs(test["ours_compiled"] - test["baseline"])),
         "tracking": overhead,
         "iwae_eval": {"k": iw_k, "images": iw_images, "images_per_second": iw_rate},
-        "trials_per_hour": scaling,
-        "trials_per_hour_startup_seconds": {k: v["startup_seconds"] for k, v in scaling_runs.items()},
-        "scaling_trial": f"1 epoch on {scale_cfg.train_subset} images, no test evaluation; "
-                         f"steady state, after each worker's start-up and a warm-up trial",
+        **scaling(data_root, quick),
     }
 
 

@@ -7,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from study.paths import default_data_root
+
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "gaussian_optimal",
                "continuous_bernoulli", "laplace")
 ARCHITECTURES = ("mlp", "conv")
@@ -32,8 +34,9 @@ class Config:
     """Train on the first N shuffled training images only (tests, smoke runs); None = all."""
     test_subset: int | None = None
     """Evaluate on the first N test images only (tests, smoke runs); None = all 10,000."""
-    data_root: str = "data"
-    """Folder holding MNIST/raw and FashionMNIST/raw (filled by `make data`)."""
+    data_root: str = field(default_factory=default_data_root)
+    """Folder holding MNIST/raw and FashionMNIST/raw: $VAE_DATA_ROOT, else the project's data/
+    (study.paths), filled by `make data` or `python -m study.data`."""
 
     # --- model
     architecture: str = "mlp"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from study.errors import UsageError
+from study.paths import default_data_root
 
 # SHA-256 of the *uncompressed* idx files (../shared/ENVIRONMENT.md).
 DATASETS: dict[str, dict] = {
@@ -45,7 +46,6 @@ DATASETS: dict[str, dict] = {
     },
 }
 
-DEFAULT_ROOT = Path("data")
 NETWORK_TIMEOUT_S = 20
 BINARIZATIONS = ("none", "static", "dynamic")
 
@@ -199,7 +199,7 @@ SOURCES: list[tuple[str, Callable[[str, Path], Path]]] = [
 ]
 
 
-def fetch(dataset: str, root: Path = DEFAULT_ROOT, sources=None, log=print) -> None:
+def fetch(dataset: str, root: Path, sources=None, log=print) -> None:
     """Make the four verified files of `dataset` present under `root`, or raise DataError."""
     root = Path(root)
     if verify_present(root, dataset):
@@ -316,7 +316,7 @@ def _read(dataset: str, root: Path, train: bool):
 
 def load_splits(
     dataset: str,
-    root: Path = DEFAULT_ROOT,
+    root: Path | None = None,
     device: str = "cpu",
     val_size: int = 5000,
     seed: int = 0,
@@ -329,10 +329,11 @@ def load_splits(
     The validation split is carved from the official train split by a permutation seeded
     with `seed`; the official test split is kept apart (never used for selection).
     `train_subset` / `test_subset` take the first N of the (shuffled) train and test images,
-    for tests and smoke runs.
+    for tests and smoke runs. `root` defaults to study.paths.default_data_root().
     """
     import torch
 
+    root = default_data_root() if root is None else root
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if binarize not in BINARIZATIONS:
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m study.data",
         description="Fetch and verify MNIST and Fashion-MNIST under ROOT (torchvision raw layout).",
     )
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="data folder (default: data)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="data folder (default: $VAE_DATA_ROOT, else the project's data/)")
     parser.add_argument(
         "datasets", nargs="*", default=list(DATASETS), help=f"any of {', '.join(DATASETS)} (default: all)"
     )
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets:
             if name not in DATASETS:
                 raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-            fetch(name, args.root)
+            fetch(name, args.root or Path(default_data_root()))
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -138,7 +138,8 @@ class GaussianOptimal(Likelihood):
         # each step's sigma^2 from its -log p = (D/2)(1 + log(2 pi sigma^2)); their
         # image-weighted mean is the epoch's mean squared error
         sigma2 = (2 * recon.double() / pixels - 1).exp() / (2 * math.pi)
-        self.log_sigma.fill_(float(0.5 * (sigma2 * weights.double()).sum().log()))
+        log_sigma = float(0.5 * (sigma2 * weights.double()).sum().log())
+        self.log_sigma.fill_(max(log_sigma, self.MIN_LOG_SIGMA))  # as the steps were clipped
 
 
 class ContinuousBernoulli(Likelihood):

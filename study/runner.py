@@ -10,6 +10,7 @@ workers), study.stores (store URLs and checks), study.tracking (MLflow).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import optuna_dashboard
 from study.config import DEVICES
 from study.errors import UsageError
 from study.grid import parse_only
+from study.single_run import EXPERIMENT, config_from_overrides, train_one
 from study.specs import PROFILES, describe, load_spec, spec_names, suite_names
 from study.stores import (
     artifact_root,
@@ -26,19 +28,38 @@ from study.stores import (
     check_tracking_uri,
     default_storage,
     default_tracking_uri,
+    driver_url,
     open_storage,
     redact,
     sqlite_path,
 )
 from study.suite import SuiteOptions, run_suite
+from study.tracking import run_name
 from study.train import resolve_device
+from study.workers import available_cores
+
+
+def worker_count(jobs: str, device: str) -> int:
+    """--jobs: a count, or `auto`: one single-threaded worker per core on the CPU (the
+    per-op overhead of small models does not shrink with threads, the matmuls do not need
+    them), one worker on a GPU."""
+    if jobs == "auto":
+        if device not in DEVICES:
+            return 1  # the device check names the problem
+        return available_cores() if resolve_device(device) == "cpu" else 1
+    try:
+        count = int(jobs)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UsageError(f"--jobs must be `auto` or a count >= 1, got {jobs!r}")
+    return count
 
 
 def cmd_run(args) -> int:
     if args.profile not in PROFILES:
         raise UsageError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    jobs = worker_count(args.jobs, args.device)
     if args.device not in DEVICES:
         raise UsageError(f"unknown device {args.device!r}; choose one of {', '.join(DEVICES)}")
     if args.stop_after is not None and not args.stop_after > 0:
@@ -55,9 +76,9 @@ def cmd_run(args) -> int:
         raise UsageError(" | ".join(problems))
     only = parse_only(args.only, specs)
     resolve_device(args.device)
-    options = SuiteOptions(storage=args.storage or default_storage(),
-                           tracking_uri=args.tracking_uri or default_tracking_uri(),
-                           device=args.device, jobs=args.jobs, worker=args.worker,
+    options = SuiteOptions(storage=driver_url(args.storage or default_storage()),
+                           tracking_uri=driver_url(args.tracking_uri or default_tracking_uri()),
+                           device=args.device, jobs=jobs, worker=args.worker,
                            stop_after=args.stop_after, only=only)
     check_tracking_uri(options.tracking_uri)
     check_storage(options.storage)
@@ -81,7 +102,7 @@ def cmd_ui(args) -> int:
     server reads it); experiments created through the server (runner workers given
     `--tracking-uri http://...`, possibly on other machines) get `mlflow-artifacts:/`, which
     the server proxies into the same folder (`--artifacts-destination`)."""
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = driver_url(args.tracking_uri or default_tracking_uri())
     if uri.startswith(("http://", "https://")):
         raise UsageError(f"{redact(uri)} is already a tracking server: open it in a browser; "
                          f"`ui` serves a database store (sqlite:///... or postgresql://...)")
@@ -102,7 +123,7 @@ def cmd_ui(args) -> int:
 
 def cmd_dashboard(args) -> int:
     """optuna-dashboard over the Optuna storage (loopback unless --host says otherwise)."""
-    url = args.storage or default_storage()
+    url = driver_url(args.storage or default_storage())
     check_storage(url)
     db = sqlite_path(url) if "://" in url else Path(url)
     if db is not None and not db.exists():
@@ -121,11 +142,50 @@ def cmd_dashboard(args) -> int:
 # --------------------------------------------------------------------------- CLI
 
 
+def cmd_train(args) -> int:
+    """One model with KEY=VALUE overrides of Config, logged as one MLflow run; prints the
+    run and the test metrics."""
+    config = config_from_overrides(args.overrides)
+    tracking_uri = driver_url(args.tracking_uri or default_tracking_uri())
+    result = train_one(config, tracking_uri, args.experiment)
+    print(f"trained {run_name(config)} in {result.seconds:.0f} s; MLflow experiment "
+          f"{args.experiment!r} in {redact(tracking_uri)} (make ui)")
+    print("test metrics (nats or SSE per image, summed over pixels, averaged over images):")
+    for key in ("nelbo", "recon", "kl", "iwae_nll", "sse", "ssim", "active_units",
+                "probe_accuracy", "frechet_distance"):
+        if key in result.test:
+            print(f"  {key:18s} {result.test[key]:.4g}")
+    return 0
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("vae-study")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m study.runner",
-        description="Run the VAE study suite (Optuna + MLflow) and serve its UIs.")
+        prog="vae-study",
+        description="Train VAEs one at a time or as Optuna studies tracked in MLflow, and "
+                    "serve the MLflow UI and optuna-dashboard (also `python -m study.runner`).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    one = sub.add_parser(
+        "train", help="train one model: vae-study train likelihood=gaussian beta=4",
+        description="Train one VAE with the defaults of study.config.Config, changed by "
+                    "KEY=VALUE overrides (values as in a spec's [fixed] table: 4, 1e-3, "
+                    "true, [400, 200]; text as is), log it as one MLflow run in experiment "
+                    "`single-runs` of the default store, and print its test metrics.")
+    one.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="Config fields, e.g. likelihood=gaussian_optimal beta=4 epochs=5 "
+                          "dataset=fashion device=cpu")
+    one.add_argument("--tracking-uri", help="MLflow tracking URI (default: $VAE_TRACKING_URI, "
+                     "else the project's mlruns/mlflow.db)")
+    one.add_argument("--experiment", default=EXPERIMENT, help=f"default {EXPERIMENT}")
+    one.set_defaults(func=cmd_train)
 
     run = sub.add_parser("run", help="run the default suite (or --study NAME) for a profile",
                          description="Run every study of the default suite (or --study NAME) "
@@ -135,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study", action="append", metavar="NAME",
                      help="a spec name in study/specs/ or a path to a .toml spec; repeatable "
                           "(default: the suite)")
-    run.add_argument("--jobs", type=int, default=1,
-                     help="worker processes on the same storage (default 1); each gets "
-                          "max(1, cores // N) torch threads")
+    run.add_argument("--jobs", default="1",
+                     help="worker processes on the same storage: a count (default 1), or "
+                          "auto (make's default): one per core on the CPU, one on a GPU; "
+                          "each gets max(1, cores // N) torch threads")
     run.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
     run.add_argument("--storage", help="Optuna storage: a SQLAlchemy URL (default "
                      "sqlite:///<repo>/mlruns/optuna.db; postgresql://... for several machines) "

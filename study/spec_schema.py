@@ -189,9 +189,14 @@ class SpecFile(Profile):
 TOP_KEYS, PROFILE_KEYS = tuple(SpecFile.model_fields), tuple(Profile.model_fields)
 
 
-def set_fields(table: BaseModel) -> dict[str, Any]:
-    """The fields a table set (validated), without the defaults of the others."""
-    return {name: getattr(table, name) for name in table.model_fields_set}
+def set_fields(table: BaseModel, written=()) -> dict[str, Any]:
+    """The fields a table set (validated), without the defaults of the others, in the order
+    `written` (the raw table's keys) gives them, the others in declaration order. Never in
+    the order of `model_fields_set`, a set: a grid's dimensions, hence its points and the
+    study's recorded settings, would follow the interpreter's hash seed."""
+    order = [*written, *type(table).model_fields]
+    return {name: getattr(table, name)
+            for name in dict.fromkeys(order) if name in table.model_fields_set}
 
 
 # --------------------------------------------------------------------------- errors

@@ -68,7 +68,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["ALL", "OBJECTIVE_METRICS", "PROFILES", "VARIANT", "Dimension", "Spec", "describe",
-           "load_spec", "spec_names", "spec_path", "study_name", "suite_names"]  # the runner's API
+           "load_spec", "spec_names", "spec_path", "study_name", "suite_names", "toml_value"]
 
 SPEC_DIR = Path(__file__).with_name("specs")
 MERGED_TABLES = ("fixed", "space", "variants")  # merged entry by entry; other keys replace
@@ -235,6 +235,15 @@ def spec_path(name_or_path: str | Path) -> Path:
     return path
 
 
+def toml_value(text: str):
+    """`text` as a TOML value reads (4, 1e-3, true, [400, 200]), else the text itself
+    (likelihood=gaussian on a command line)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def _read_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
@@ -317,6 +326,12 @@ def load_spec(name_or_path: str | Path, profile: str = "default") -> Spec:
 # --------------------------------------------------------------------------- what types cannot say
 
 
+def _keys(table, key: str) -> list:
+    """The keys of `table[key]` as written, when it is a table."""
+    value = table.get(key) if isinstance(table, dict) else None
+    return list(value) if isinstance(value, dict) else []
+
+
 def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str]]:
     """The Spec of one profile, or None and the problems of the entries taken together."""
     merged = {k: v for k, v in table.items() if k != "profiles"}
@@ -328,7 +343,8 @@ def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str
     if data is None:
         return None, []
     failed = failed_keys(errors)  # left out: checks on them would mislead
-    fixed, space, problems = _sugar(data, set_fields(data.fixed), set_fields(data.space))
+    fixed, space, problems = _sugar(data, set_fields(data.fixed, _keys(merged, "fixed")),
+                                    set_fields(data.space, _keys(merged, "space")))
     base = Config(**fixed)
     base_problems = base.validate()
     problems += [f"fixed: {p}" for p in base_problems]
@@ -338,7 +354,7 @@ def _build(table: dict, path: Path, profile: str) -> tuple[Spec | None, list[str
         dimensions += [dimension] if dimension else []
         problems += found
     for name, bundle in data.variants.items():
-        fields = set_fields(bundle)
+        fields = set_fields(bundle, _keys(merged.get("variants", {}), name))
         problems += [f"variants.{name} sets {k}, which is also searched; keep one"
                      for k in fields if k in space]
         fields = {k: v for k, v in fields.items() if k not in space}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import importlib.util
 import os
 import re
 import sqlite3
@@ -24,8 +25,8 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend
 
 from study.errors import UsageError
+from study.paths import stores_folder
 
-REPO = Path(__file__).resolve().parents[1]
 CONNECT_TIMEOUT_S = 15
 """Seconds to wait for a database or tracking server before the one-line error."""
 SQLITE_LOCK_TIMEOUT_S = 60
@@ -50,11 +51,19 @@ def redact(text: str) -> str:
 
 
 
-def default_tracking_uri(repo: Path = REPO) -> str:
+def default_tracking_uri() -> str:
     """$VAE_TRACKING_URI (how make passes TRACKING_URI: never on a command line), else
-    sqlite:///<repo>/mlruns/mlflow.db."""
-    return os.environ.get("VAE_TRACKING_URI") or \
-        f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'mlflow.db'}"
+    sqlite:///<project>/mlruns/mlflow.db (study.paths)."""
+    return os.environ.get("VAE_TRACKING_URI") or f"sqlite:///{stores_folder() / 'mlflow.db'}"
+
+
+def driver_url(url: str) -> str:
+    """`url` for the installed PostgreSQL driver: the postgres extra carries psycopg 3 only,
+    so a postgresql+psycopg2:// URL is served by psycopg 3 when psycopg2 is not installed."""
+    old = "postgresql+psycopg2://"
+    if url.startswith(old) and importlib.util.find_spec("psycopg2") is None:
+        return "postgresql+psycopg://" + url[len(old):]
+    return url
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -64,15 +73,15 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
-def artifact_root(tracking_uri: str, repo: Path = REPO) -> Path | None:
-    """Where artifacts go: `artifacts/` beside a sqlite store, `<repo>/mlruns/artifacts` for
-    another database, None for a tracking server (it stores them itself)."""
+def artifact_root(tracking_uri: str) -> Path | None:
+    """Where artifacts go: `artifacts/` beside a sqlite store, `<project>/mlruns/artifacts`
+    for another database, None for a tracking server (it stores them itself)."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         return None
     db = sqlite_path(tracking_uri)
     if db is not None:
         return db.resolve().parent / "artifacts"
-    return Path(repo).resolve() / "mlruns" / "artifacts"
+    return stores_folder() / "artifacts"
 
 
 @functools.cache
@@ -215,15 +224,10 @@ def check_tracking_uri(uri: str) -> None:
     check_database(uri, "mlflow", flag)
 
 
-def default_storage(repo: Path = REPO) -> str:
+def default_storage() -> str:
     """$VAE_STORAGE (how make passes STORAGE: never on a command line), else
-    sqlite:///<repo>/mlruns/optuna.db."""
-    return os.environ.get("VAE_STORAGE") or f"sqlite:///{Path(repo).resolve() / 'mlruns' / 'optuna.db'}"
-
-
-def default_data_root() -> str:
-    """$VAE_DATA_ROOT, else <repo>/data (where `make data` puts the datasets)."""
-    return os.environ.get("VAE_DATA_ROOT", str(REPO / "data"))
+    sqlite:///<project>/mlruns/optuna.db (study.paths)."""
+    return os.environ.get("VAE_STORAGE") or f"sqlite:///{stores_folder() / 'optuna.db'}"
 
 
 def check_storage(url: str) -> None:

@@ -26,17 +26,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState, create_trial
 from tqdm import tqdm
 
 from study import classifier as classifiers
 from study.errors import UsageError
+from study.evidence import write_evidence
 from study.grid import FINISHED, count_states
 from study.liveness import close_dead_parent_runs, say, this_process
+from study.paths import default_data_root
 from study.resume import RUN_ONLY_FIELDS
 from study.specs import Spec
-from study.stores import default_data_root, first_use_lock, open_storage, redact, writable
-from study.tracking import Tracker, environment_tags
+from study.stores import first_use_lock, open_storage, redact, writable
+from study.tracking import NOTE, Tracker, environment_tags
 from study.train import resolve_device
 from study.trial import Job
 from study.workers import StopRequest, available_cores, run_processes, work
@@ -71,11 +74,15 @@ class Prepared:
 
 def spec_settings(spec: Spec) -> dict:
     """What a study's trials compute, as plain JSON: the fixed config (less the fields that
-    only say where and how fast it runs), the variants' bundles and the search space."""
+    only say where and how fast it runs), the variants' bundles, the search space (its
+    dimensions sorted: their order changes the grid's order, not its points) and the
+    objectives."""
     fixed = {k: v for k, v in dataclasses.asdict(spec.base).items()
              if k not in RUN_ONLY_FIELDS and k != "extra"}
     return json.loads(json.dumps({"fixed": fixed, "variants": spec.variants,
-                                  "space": [d.describe() for d in spec.dimensions]}, default=str))
+                                  "space": sorted(d.describe() for d in spec.dimensions),
+                                  "objectives": [list(o) for o in spec.objectives]},
+                                 default=str))
 
 
 def check_settings(study, spec: Spec, storage_label: str) -> None:
@@ -86,11 +93,16 @@ def check_settings(study, spec: Spec, storage_label: str) -> None:
     if theirs is None:
         study.set_user_attr("settings", ours)
         return
+    theirs = {**theirs, "space": sorted(theirs.get("space", []))}  # a set of dimensions
     if theirs == ours:
         return
     changed = [k for k in sorted({*ours["fixed"], *theirs["fixed"]})
                if ours["fixed"].get(k) != theirs["fixed"].get(k)]
-    changed += [k for k in ("variants", "space") if ours.get(k) != theirs.get(k)]
+    changed += [k for k in ("variants", "space", "objectives")
+                if k in theirs and ours.get(k) != theirs.get(k)]
+    if not changed:  # recorded before a kind of setting was: the same study, now complete
+        study.set_user_attr("settings", ours)
+        return
     raise UsageError(
         f"study {study.study_name!r} was run with other settings than spec {spec.name!r} has "
         f"now (changed: {', '.join(changed)}); delete it (`.venv/bin/optuna delete-study "
@@ -193,8 +205,10 @@ def prepare_classifiers(specs: list[Spec], data_root: str, device: str) -> None:
 
 def create_parent_run(study, spec: Spec, tracker: Tracker, experiment_id: str,
                       options: SuiteOptions) -> str:
-    """This invocation's study run, with the spec as an artifact; linked from the study."""
+    """This invocation's study run, with the spec and the data evidence (study.evidence) as
+    artifacts; linked from the study."""
     tags = {"study": spec.name, "profile": spec.profile, "run_kind": "study",
+            NOTE: spec.description,
             "runner_process": json.dumps(this_process()),
             "optuna_study": spec.study_name, "optuna_storage": redact(options.storage),
             "sampler": spec.sampler, "pruner": spec.pruner, "jobs": options.jobs,
@@ -205,8 +219,9 @@ def create_parent_run(study, spec: Spec, tracker: Tracker, experiment_id: str,
     parent = tracker.start_run(experiment_id,
                                f"{spec.study_name}/run-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags, params)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the spec, and the data evidence reports show
         Path(tmp, "spec.json").write_text(json.dumps(spec.table, indent=2, default=str))
+        write_evidence(datasets_of(spec), default_data_root(), Path(tmp))
         tracker.log_artifacts(parent, Path(tmp))
     for key, value in {"spec": spec.name, "profile": spec.profile,
                        "mlflow_parent_run_id": parent, "mlflow_experiment_id": experiment_id,
@@ -233,8 +248,14 @@ def prepare_study(spec: Spec, options: SuiteOptions, storage, tracker: Tracker) 
             raise UsageError(f"study {name!r} exists with directions {found}, but the spec asks "
                              f"for {spec.directions}; rename the spec or delete the study")
     check_settings(study, spec, label)
+    if not options.worker:  # the dashboard names the objectives rather than "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(spec.metrics)
     reconcile_with_mlflow(study, spec, tracker, options)
     experiment_id = tracker.experiment_id(spec.name, create=not options.worker)
+    if not options.worker and spec.description:  # the UI shows it as the description
+        tracker.client.set_experiment_tag(experiment_id, NOTE, spec.description)
     if options.worker:
         parent = study.user_attrs.get("mlflow_parent_run_id")
         if not parent:

@@ -21,15 +21,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow.artifacts
 import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.errors import UsageError
 from study.evaluate import convergence
+from study.paths import PACKAGE_PARENT
 from study.stores import artifact_root, redact, sqlite_path, tune_sqlite
 from study.train import Callback, TrainResult
 from study.trial_figures import TrialFigures
 
-REPO = Path(__file__).resolve().parents[1]
+NOTE = "mlflow.note.content"
+"""The tag MLflow's UI shows as an experiment's or a run's description."""
 EXPERIMENT_KIND = "mlflow.experimentKind"
 """The experiment tag MLflow's UI reads to choose its model-training view over the GenAI one."""
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
@@ -38,7 +46,7 @@ MAX_TAG_LENGTH = 5000
 
 
 @functools.cache
-def git_state(repo: str = str(REPO)) -> tuple[str, str]:
+def git_state(repo: str = str(PACKAGE_PARENT)) -> tuple[str, str]:
     """(commit, dirty) of the working tree: dirty is "true" when tracked files differ."""
     def git(*args):
         return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
@@ -76,6 +84,14 @@ def environment_tags(device: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- runs
 
 
+def run_name(config, variant: str | None = None) -> str:
+    """What a run trained, as the MLflow UI lists it: `fashion gaussian β=1 z=20 s0`, plus
+    the variant of a study that has them."""
+    name = (f"{config.dataset} {config.likelihood} β={config.beta:.3g} z={config.latent_dim} "
+            f"s{config.seed}")
+    return f"{name} {variant}" if variant else name
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -83,11 +99,9 @@ def _now_ms() -> int:
 class Tracker:
     """One MLflow store: experiments, parent and trial runs, batched logging."""
 
-    def __init__(self, tracking_uri: str, repo: Path = REPO):
-        from mlflow import MlflowClient
-
+    def __init__(self, tracking_uri: str):
         self.uri = tracking_uri
-        self.artifacts = artifact_root(tracking_uri, repo)
+        self.artifacts = artifact_root(tracking_uri)
         if sqlite_path(tracking_uri) is not None:
             tune_sqlite()
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -108,8 +122,6 @@ class Tracker:
         if self.artifacts is not None:
             folder = self.artifacts / re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
             location = folder.as_uri()
-        from mlflow.exceptions import MlflowException
-
         try:  # MLflow 3's UI opens experiments in its GenAI view unless told they train models
             return self.client.create_experiment(
                 name, artifact_location=location,
@@ -121,8 +133,6 @@ class Tracker:
 
     def start_run(self, experiment_id: str, name: str, tags: dict, params: dict | None = None,
                   parent_run_id: str | None = None) -> str:
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
         tags = {k: redact(str(v))[:MAX_TAG_LENGTH] for k, v in tags.items()}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -133,8 +143,6 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict) -> None:
-        from mlflow.entities import Param
-
         items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
@@ -144,8 +152,6 @@ class Tracker:
         self.log_metric_rows(run_id, [(k, v, step) for k, v in metrics.items()])
 
     def log_metric_rows(self, run_id: str, rows: list[tuple[str, float, int]]) -> None:
-        from mlflow.entities import Metric
-
         now = _now_ms()
         items = [Metric(k, float(v), now, int(s)) for k, v, s in rows
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -153,8 +159,6 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
 
     def set_tags(self, run_id: str, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
         self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))[:MAX_TAG_LENGTH])
                                             for k, v in tags.items()])
 
@@ -185,8 +189,6 @@ class Tracker:
         if uri is None:
             self.client.log_artifacts(run_id, str(folder), artifact_path)
             return
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
         get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(str(folder),
                                                                           artifact_path)
 
@@ -284,11 +286,19 @@ class ResumeStates:
         self.last_slot = slot
         self.seconds += time.perf_counter() - t
 
+    def discard(self) -> None:
+        """Delete the run's resumable states: a finished run needs no resuming, and each
+        state holds the weights and Adam's moments (three times the model)."""
+        if self.last_slot is None:
+            return
+        run = self.tracker.client.get_run(self.run_id)
+        repository = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracker.uri)
+        repository.delete_artifacts(RESUME_ARTIFACTS)
+        self.last_slot = None
+
     @staticmethod
     def newest(tracker: Tracker, run_id: str) -> tuple[dict, str] | None:
         """(state, slot) of the newest state of `run_id` that loads; None if it has none."""
-        import mlflow.artifacts
-
         names = {Path(f.path).name for f in tracker.client.list_artifacts(run_id, RESUME_ARTIFACTS)}
         best = None
         with tempfile.TemporaryDirectory(prefix="vae-resume-") as tmp:

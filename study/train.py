@@ -44,6 +44,9 @@ class Callback:
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """After each epoch (1-based) with train/*, val/*, beta, lr, epoch_seconds."""
 
+    def on_train_end(self, result: TrainResult) -> None:
+        """Once, after the last epoch and the test evaluation."""
+
 
 @dataclass
 class TrainResult:
@@ -248,4 +251,6 @@ def train(
     if evaluate_at_end:
         result.test = evaluate_test(trainer.model, trainer.likelihood, trainer.splits, config,
                                     classifier)
+    for cb in callbacks:
+        cb.on_train_end(result)
     return result

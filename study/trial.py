@@ -38,6 +38,7 @@ from study.tracking import (
     final_metrics,
     last_logged_epoch,
     log_trial_artifacts,
+    run_name,
 )
 from study.train import Callback, NonFiniteLoss, resolve_device, train
 from study.trial_figures import TrialFigures
@@ -208,7 +209,7 @@ class TrialRunner:
                 raise
             raise raised from exc
         bar.bar.close()
-        return self.finish(trial, run.run_id, config, splits, result, times)
+        return self.finish(trial, run.run_id, config, splits, result, times, states)
 
     # -- 1. claim
     def claim(self, trial) -> dict:
@@ -243,7 +244,7 @@ class TrialRunner:
         """A new child run of the invocation, or the run of an earlier trial of this point
         reopened at its newest resumable state."""
         spec = self.spec
-        name = f"{spec.study_name}/trial-{trial.number:04d}"
+        name = run_name(config, params.get(VARIANT))
         tags = {"study": spec.name, "profile": spec.profile, "trial_number": trial.number,
                 "run_kind": "trial", "optuna_study": spec.study_name,
                 "optuna_storage": self.storage_label, "dataset": config.dataset,
@@ -329,9 +330,11 @@ class TrialRunner:
         return exc
 
     # -- 5. finish
-    def finish(self, trial, run_id: str, config, splits, result, times: PartTimes):
-        """Artifacts, then the test metrics and times in one batch; the run ends FINISHED
-        and the trial's objective values are returned to Optuna."""
+    def finish(self, trial, run_id: str, config, splits, result, times: PartTimes,
+               states: ResumeStates):
+        """Artifacts, then the test metrics and times in one batch; the run ends FINISHED,
+        its resumable states are deleted, and the trial's objective values are returned to
+        Optuna."""
         values = [result.final[m] for m in self.spec.metrics]
         t_final = time.perf_counter()
         try:
@@ -348,4 +351,9 @@ class TrialRunner:
             self.tracker.end_run(run_id, "FAILED", reason=reason)
             raise TrialFailed(reason)
         self.tracker.end_run(run_id, "FINISHED")
+        try:
+            states.discard()
+        except Exception as exc:  # the result stands; the states only take room
+            say(f"{self.spec.study_name}: run {run_id} finished, but its resumable states "
+                f"were not deleted ({type(exc).__name__}: {exc})")
         return values[0] if len(values) == 1 else tuple(values)

@@ -1,5 +1,6 @@
 """Likelihood-free metrics: the Frechet distance, the error profile and SSIM against values
-worked out by hand; the classifier, the probe and `quality_metrics` on real data."""
+worked out by hand; the probe and `quality_metrics` on real data (the classifier behind the
+Frechet distance: test_classifier)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TARGET_ACCURACY
 from torch import nn
 
 from study import classifier, quality
-from study.data import load_splits, splits_for
+from study.data import splits_for
 from study.likelihoods import Gaussian
 from study.model import VAE
 from study.train import train
-
-TARGET_ACCURACY = {"mnist": 0.98, "fashion": 0.88}
-
-
-@pytest.fixture(scope="module")
-def mnist_test(data_root):
-    """The first 1000 official MNIST test images, grey, (N, 1, 28, 28)."""
-    return load_splits("mnist", data_root, test_subset=1000).test
-
 
 # --------------------------------------------------------------------------- Frechet distance
 
@@ -92,43 +85,6 @@ def test_ssim_of_an_image_with_itself_is_one_and_lower_with_noise(mnist_test):
     very = quality.mean_ssim(images, (images + 0.3 * noise).clamp(0, 1), batch)
     assert same == pytest.approx(1.0, abs=1e-6)
     assert very < slightly < 0.99
-
-
-# --------------------------------------------------------------------------- classifier
-
-
-@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
-def test_classifier_accuracy_and_cache(data_root, dataset):
-    loaded = classifier.Classifiers(data_root)
-    first = loaded.get(dataset)
-    assert first.test_accuracy >= TARGET_ACCURACY[dataset]
-    assert loaded.get(dataset) is first  # each loaded once per Classifiers
-
-    payload = torch.load(first.path, weights_only=True)
-    assert payload["test_accuracy"] == first.test_accuracy
-    assert payload["dataset"] == dataset
-    mtime = first.path.stat().st_mtime_ns
-    again = classifier.get_classifier(dataset, data_root)
-    assert again is not first and not again.trained
-    assert first.path.stat().st_mtime_ns == mtime
-
-    test = load_splits(dataset, data_root).test
-    assert classifier.accuracy(again.net, test.grey(), test.labels) == first.test_accuracy
-    features = again.features(test.grey()[:10])
-    assert features.shape == (10, classifier.DEFAULT_SETTINGS.feature_dim)
-
-
-def test_classifier_features_separate_real_from_noisy_images(data_root, mnist_test):
-    net = classifier.get_classifier("mnist", data_root)
-    images = mnist_test.grey()
-    half = len(images) // 2
-    real_a, real_b = images[:half], images[half:]
-    noise = torch.randn(real_b.shape, generator=torch.Generator().manual_seed(0))
-    fd = {level: quality.frechet_distance(
-              net.features(real_a).numpy(),
-              net.features((real_b + level * noise).clamp(0, 1)).numpy())
-          for level in (0.0, 0.2, 0.5)}
-    assert 0 < fd[0.0] < fd[0.2] < fd[0.5]
 
 
 # --------------------------------------------------------------------------- quality_metrics

@@ -1,317 +1,41 @@
 """The analysis reports, built from real runs: a session fixture trains tiny VAEs on real
 MNIST / Fashion-MNIST subsets, logs them with the real MLflow client into a temporary sqlite
 store in the runner's schema, and `python -m analysis.report` builds the reports from it.
-The HTML is opened in a real headless Chromium driven over the DevTools protocol.
+The HTML is opened in a real headless Chromium driven by Playwright (the runs and the page
+helpers: report_runs.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
-import io
-import json
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from report_runs import (
+    ARTIFACTS,
+    HOSTILE,
+    HtmlText,
+    decoded,
+    fixture_config,
+    inspect_page,
+    log_fixture_runs,
+    log_more_runs,
+    parsed,
+)
 
 from analysis import report, verdicts
 from analysis.runs import load_runs, run_url
-from study.config import Config
-from study.data import dataset_digest, load_splits
-from study.train import Callback, train
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts"
-HOSTILE = "<script>alert(1)</script>"
-CHROMIUM = "/usr/bin/chromium"
-
-
-# --------------------------------------------------------------------------- the runs
-
-
-class LogToMlflow(Callback):
-    """What the runner logs per step (first epoch) and per epoch."""
-
-    def on_step(self, step, metrics):
-        import mlflow
-
-        mlflow.log_metrics({"step/" + k.replace("train/", "train_"): v
-                            for k, v in metrics.items()}, step=step)
-
-    def on_epoch(self, epoch, metrics):
-        import mlflow
-
-        mlflow.log_metrics(metrics, step=epoch)
-
-
-def _grid_png(images: torch.Tensor, path: Path) -> Path:
-    from torchvision.utils import save_image
-
-    save_image(images, path, nrow=8, padding=1)
-    return path
-
-
-def _log_trial(study, experiment_id, parent_id, number, config, splits, tmp, run_name=None,
-               status="FINISHED"):
-    import mlflow
-
-    tags = {
-        "study": study, "trial_number": str(number), "profile": "test",
-        "dataset_digest": dataset_digest(config.dataset), "git_commit": "0123abc",
-        "git_dirty": "true", "device": "cpu", "torch_version": torch.__version__,
-    }
-    name = run_name or f"{study}/trial-{number:04d}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent_id,
-                          tags=tags) as run:
-        mlflow.log_params(config.as_params())
-        if status == "FAILED":
-            mlflow.set_tag("failure_reason", "NonFiniteLoss: non-finite loss at epoch 1 step 3")
-            mlflow.end_run(status="FAILED")
-            return run.info.run_id
-        result = train(config, [LogToMlflow()], splits=splits, evaluate_at_end=True)
-        if status == "KILLED":
-            mlflow.end_run(status="KILLED")
-            return run.info.run_id
-        mlflow.log_metrics({f"test/{k}": float(v) for k, v in result.test.items()})
-        if study == "loss_choice":
-            with torch.no_grad():
-                x = splits.test.grey()[:16]
-                recon = result.likelihood.mean(result.model.decode(result.model.encode(x)[0]))
-                z = torch.randn(16, config.latent_dim, generator=torch.Generator().manual_seed(0))
-                samples = result.likelihood.mean(result.model.decode(z))
-            run_dir = Path(tmp) / run.info.run_id
-            run_dir.mkdir()
-            mlflow.log_artifact(str(_grid_png(torch.cat([x, recon.clamp(0, 1)]),
-                                              run_dir / "reconstructions.png")), "figures")
-            mlflow.log_artifact(str(_grid_png(samples.clamp(0, 1), run_dir / "samples.png")),
-                                "figures")
-        return run.info.run_id
-
-
-def fixture_config(data_root: Path) -> Config:
-    """The settings every fixture run shares (1 epoch on 1000 images)."""
-    return Config(data_root=str(data_root), train_subset=1000, val_size=500, test_subset=300,
-                  epochs=1, batch_size=100, test_iw_k=10, device="cpu", latent_dim=8,
-                  step_log_every=2)
-
-
-def log_fixture_runs(tracking_uri: str, artifact_root: Path, data_root: Path) -> dict:
-    """A miniature of the runner's studies (1-2 epochs on ~1000 images each):
-
-    loss_choice  2 datasets x {bernoulli, gaussian} x beta {0.5, 2} x seeds {0, 1}, 1 epoch
-    kl_dynamics  MNIST x beta {1, 16} x latent_dim {2, 8}, plus a warm-up and a free-bits run,
-                 2 epochs
-    search_mnist 3 trials (one pruned -> KILLED, one FAILED)
-    One loss_choice run is named `<script>alert(1)</script>`.
-    """
-    import mlflow
-
-    previous, threads = mlflow.get_tracking_uri(), torch.get_num_threads()
-    mlflow.set_tracking_uri(tracking_uri)
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-core machine
-    base = fixture_config(data_root)
-    splits = {}
-
-    def splits_for(config):
-        key = (config.dataset, config.seed)
-        if key not in splits:
-            splits[key] = load_splits(config.dataset, data_root, val_size=config.val_size,
-                                      seed=config.seed, train_subset=config.train_subset,
-                                      test_subset=config.test_subset)
-        return splits[key]
-
-    designs = {
-        "loss_choice": [
-            base.replace(dataset=d, likelihood=lik, beta=b, seed=s)
-            for d in ("mnist", "fashion") for lik in ("bernoulli", "gaussian")
-            for b in (0.5, 2.0) for s in (0, 1)
-        ],
-        "kl_dynamics": [
-            base.replace(beta=b, latent_dim=z, epochs=2) for b in (1.0, 16.0) for z in (2, 8)
-        ] + [
-            base.replace(beta=16.0, epochs=2, beta_schedule="linear", warmup=10),
-            base.replace(beta=16.0, epochs=2, free_bits=0.5),
-        ],
-        "search_mnist": [
-            base.replace(likelihood="gaussian", beta=0.3, latent_dim=4),
-            base.replace(likelihood="bernoulli", beta=3.0, latent_dim=16),
-            base.replace(likelihood="bernoulli", beta=1.0, latent_dim=8, seed=1),
-            base.replace(likelihood="gaussian", beta=1.0, latent_dim=8),
-        ],
-    }
-    ids = {}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for study, configs in designs.items():
-                exp = mlflow.create_experiment(
-                    study, artifact_location=(artifact_root / study).as_uri())
-                ids[study] = exp
-                with mlflow.start_run(experiment_id=exp, run_name=f"{study}/parent",
-                                      tags={"study": study, "profile": "test"}) as parent:
-                    parent_id = parent.info.run_id
-                for n, config in enumerate(configs):
-                    name = HOSTILE if (study == "loss_choice" and n == 0) else None
-                    status = {2: "KILLED", 3: "FAILED"}.get(n, "FINISHED") \
-                        if study == "search_mnist" else "FINISHED"
-                    _log_trial(study, exp, parent_id, n, config, splits_for(config), tmp,
-                               run_name=name, status=status)
-    finally:
-        mlflow.set_tracking_uri(previous)
-        torch.set_num_threads(threads)
-    return ids
-
-
-# --------------------------------------------------------------------------- the browser
-
-
-class DevTools:
-    """A minimal Chrome DevTools protocol client over aiohttp's websocket (mlflow needs
-    aiohttp, so it is always installed): commands by id, events collected in order."""
-
-    def __init__(self, ws):
-        self.ws, self.next_id, self.pending, self.events = ws, 0, {}, []
-        self.reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self):
-        async for msg in self.ws:
-            data = json.loads(msg.data)
-            if "id" in data and data["id"] in self.pending:
-                self.pending.pop(data["id"]).set_result(data)
-            elif "method" in data:
-                self.events.append(data)
-
-    async def send(self, method, params=None, session=None, timeout=60):
-        self.next_id += 1
-        future = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = future
-        message = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        await self.ws.send_str(json.dumps(message))
-        reply = await asyncio.wait_for(future, timeout)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    async def wait_for(self, method, timeout=60):
-        for _ in range(int(timeout * 20)):
-            if any(e["method"] == method for e in self.events):
-                return
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"no {method} event within {timeout} s")
-
-
-IMAGES_JS = """Promise.all(Array.from(document.images).map(img => img.decode().then(
-    () => [img.alt, img.naturalWidth, img.naturalHeight],
-    () => [img.alt, img.naturalWidth, img.naturalHeight])))"""
-
-
-@contextlib.asynccontextmanager
-async def chromium_page(width: int = 1280, height: int = 1000):
-    """A headless Chromium (a throwaway profile) with one page attached over the DevTools
-    protocol, Page/Runtime/Log/Network events on: yields (DevTools, session id)."""
-    import aiohttp
-
-    if not Path(CHROMIUM).exists():
-        raise AssertionError(f"{CHROMIUM} is missing: install Debian's chromium "
-                             "(apt-get install -y chromium) to run the browser test")
-    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
-    proc = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-quic", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-         "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        for _ in range(600):
-            if port_file.exists() and len(port_file.read_text().split()) >= 2:
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"chromium exited with status {proc.returncode}")
-            await asyncio.sleep(0.05)
-        port, path = port_file.read_text().split()[:2]
-        async with aiohttp.ClientSession() as http, \
-                http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0) as ws:
-            cdp = DevTools(ws)
-            target = await cdp.send("Target.createTarget", {"url": "about:blank"})
-            sid = (await cdp.send("Target.attachToTarget",
-                                  {"targetId": target["targetId"], "flatten": True}))["sessionId"]
-            for domain in ("Page", "Runtime", "Log", "Network"):
-                await cdp.send(f"{domain}.enable", session=sid)
-            await cdp.send("Emulation.setDeviceMetricsOverride", {
-                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-                session=sid)
-            try:
-                yield cdp, sid
-            finally:
-                cdp.reader.cancel()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-async def evaluate(cdp, sid, expression: str):
-    """The value of a JavaScript expression in the page (promises awaited)."""
-    reply = await cdp.send("Runtime.evaluate", {
-        "expression": expression, "awaitPromise": True, "returnByValue": True}, session=sid)
-    return reply["result"].get("value")
-
-
-async def save_screenshot(cdp, sid, path: Path, clip: dict | None = None) -> None:
-    params = {"format": "png", "captureBeyondViewport": clip is not None}
-    if clip is not None:
-        params["clip"] = clip
-    shot = await cdp.send("Page.captureScreenshot", params, session=sid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(shot["data"]))
-
-
-async def _inspect(page: Path, screenshot: Path | None, width: int = 1280) -> dict:
-    async with chromium_page(width) as (cdp, sid):
-        await cdp.send("Page.navigate", {"url": page.as_uri()}, session=sid)
-        await cdp.wait_for("Page.loadEventFired")
-        images = await evaluate(cdp, sid, IMAGES_JS)
-        text = await evaluate(cdp, sid, "document.body.textContent")
-        if screenshot is not None:
-            height = await evaluate(cdp, sid, "document.documentElement.scrollHeight")
-            await save_screenshot(cdp, sid, screenshot, {
-                "x": 0, "y": 0, "width": width, "height": min(height, 16000), "scale": 1})
-        await asyncio.sleep(0.2)  # let late console messages arrive
-    events = cdp.events
-    return {
-        "images": images,
-        "text": text,
-        "console_errors": [e["params"] for e in events if e["method"] == "Runtime.consoleAPICalled"
-                           and e["params"].get("type") in ("error", "assert")],
-        "exceptions": [e["params"] for e in events if e["method"] == "Runtime.exceptionThrown"],
-        "log_errors": [e["params"]["entry"] for e in events if e["method"] == "Log.entryAdded"
-                       and e["params"]["entry"].get("level") == "error"],
-        "dialogs": [e["params"] for e in events if e["method"] == "Page.javascriptDialogOpening"],
-        "requests": [e["params"]["request"]["url"] for e in events
-                     if e["method"] == "Network.requestWillBeSent"],
-    }
-
-
-def inspect_page(page: Path, screenshot: Path | None = None) -> dict:
-    """Open `page` in headless Chromium: images, text, console errors, requests, dialogs."""
-    return asyncio.run(_inspect(page, screenshot))
+# How long a command may run before it counts as a hang: it ends on its exit, so a slow or
+# busy machine only waits longer.
+WAIT_S = 300
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -339,62 +63,6 @@ def built(store, data_root, tmp_path_factory):
 
 
 PAGES = ("index", "loss_choice", "kl_dynamics")
-
-
-class HtmlText(HTMLParser):
-    """The text of an HTML fragment with character references resolved, and its tags."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.text, self.tags = "", []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-
-    def handle_data(self, data):
-        self.text += data
-
-    @classmethod
-    def of(cls, fragment: str) -> tuple[str, list[str]]:
-        parser = cls()
-        parser.feed(fragment)
-        parser.close()
-        return parser.text, parser.tags
-
-
-class _Tables(HTMLParser):
-    """Cells of every <table>, and the src of every <img>."""
-
-    def __init__(self):
-        super().__init__()
-        self.cells, self.images, self._in_cell = [], [], False
-
-    def handle_starttag(self, tag, attrs):
-        if tag in ("td", "th"):
-            self._in_cell = True
-            self.cells.append("")
-        elif tag == "img":
-            self.images.append(dict(attrs).get("src", ""))
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th"):
-            self._in_cell = False
-
-    def handle_data(self, data):
-        if self._in_cell:
-            self.cells[-1] += data
-
-
-def parsed(path: Path) -> _Tables:
-    parser = _Tables()
-    parser.feed(path.read_text(encoding="utf-8"))
-    return parser
-
-
-def decoded(png: bytes) -> np.ndarray:
-    import matplotlib.image as mpimg
-
-    return mpimg.imread(io.BytesIO(png), format="png")
 
 
 # --------------------------------------------------------------------------- tests
@@ -502,9 +170,9 @@ def test_markdown_escaping_renders_the_literal_text(text):
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_pages_render_in_chromium(built, page):
+def test_pages_render_in_chromium(built, page, browser):
     shot = ARTIFACTS / f"report-{page}.png"
-    seen = inspect_page(built / f"{page}.html", shot)
+    seen = inspect_page(built / f"{page}.html", shot, browser)
     assert not seen["console_errors"] and not seen["exceptions"] and not seen["log_errors"], seen
     assert not seen["dialogs"], "a script ran"
     assert all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
@@ -582,13 +250,13 @@ def test_a_password_in_the_tracking_uri_is_redacted(tmp_path, capsys, monkeypatc
 
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "analysis.report", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=WAIT_S)
     assert result.returncode == 0
     for option in ("--tracking-uri", "--out", "--ui-url", "--data-root", "--collapse-threshold"):
         assert option in result.stdout
 
 
-def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch):
+def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch, browser):
     """`make study PROFILE=smoke` then `make report`: the real runner's runs, not the fixture's."""
     from study import runner
 
@@ -618,7 +286,7 @@ def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch):
             assert pixels[..., :3].std() > 0.01, "a blank figure"
     text = (out / "loss_choice.md").read_text()
     assert "Verdicts" in text and "profile" in text.lower()
-    seen = inspect_page(out / "loss_choice.html", ARTIFACTS / "report-smoke-loss_choice.png")
+    seen = inspect_page(out / "loss_choice.html", ARTIFACTS / "report-smoke-loss_choice.png", browser)
     assert not seen["console_errors"] and not seen["exceptions"] and not seen["log_errors"], seen
     assert all(width > 0 and height > 0 for _, width, height in seen["images"]), seen["images"]
 
@@ -681,31 +349,6 @@ def test_every_page_builds_from_a_degenerate_subset(store, data_root, tmp_path, 
 
 
 # --------------------------------------------------------------------------- repeated runs
-
-
-def log_more_runs(tracking_uri: str, study: str, configs: list[Config], data_root: Path,
-                  tmp: Path) -> list[str]:
-    """Train `configs` and log them as further trial runs of `study` (its experiment created
-    when the store has none), as a later invocation of the runner would; their run ids."""
-    import mlflow
-
-    previous, threads = mlflow.get_tracking_uri(), torch.get_num_threads()
-    mlflow.set_tracking_uri(tracking_uri)
-    torch.set_num_threads(1)
-    try:
-        experiment = mlflow.get_experiment_by_name(study)
-        experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
-            study, artifact_location=(tmp / "artifacts" / study).as_uri())
-        ids = []
-        for number, config in enumerate(configs, start=100):
-            splits = load_splits(config.dataset, data_root, val_size=config.val_size,
-                                 seed=config.seed, train_subset=config.train_subset,
-                                 test_subset=config.test_subset)
-            ids.append(_log_trial(study, experiment_id, None, number, config, splits, tmp))
-        return ids
-    finally:
-        mlflow.set_tracking_uri(previous)
-        torch.set_num_threads(threads)
 
 
 def test_a_grid_point_trained_again_counts_once(store, data_root, tmp_path):

@@ -11,7 +11,7 @@ import sqlite3
 import optuna
 import pytest
 from mlflow import MlflowClient
-from test_report import ARTIFACTS, HOSTILE, inspect_page, parsed
+from report_runs import ARTIFACTS, HOSTILE, inspect_page, parsed
 
 from analysis import report
 from analysis import reproduction as repro

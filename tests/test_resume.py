@@ -1,235 +1,97 @@
-"""Long trials resume mid-run: a study stopped by SIGTERM, or killed with SIGKILL, after a
-checkpoint goes on, when the same command runs again, in the same MLflow run from the saved
-epoch, and ends with exactly the history and test metrics of a study never interrupted."""
+"""Resumable states of a training run: a run stopped at an epoch end and resumed from its
+saved state ends exactly as one never stopped; states are saved at the configured cadence;
+`resume_problem` says why a state cannot continue a run."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
+import dataclasses
 
-import optuna
 import pytest
-from mlflow import MlflowClient
+import torch
+from helpers import Recorder, same_but_time
 
-REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
-
-# One point, a checkpoint at every epoch end; dynamic binarization and the learning-rate
-# stages of Burda et al. (1 + 3 + 9 epochs) both cross the interruption.
-EPOCHS = 12
-SPEC = f"""
-sampler = "grid"
-[space]
-beta = [1.0]
-[fixed]
-train_subset = 3000
-val_size = 300
-test_subset = 200
-batch_size = 100
-test_iw_k = 5
-latent_dim = 4
-binarize = "dynamic"
-lr_schedule = "burda"
-epochs = {EPOCHS}
-checkpoint_minutes = 0
-"""
+from study.resume import RESUME_FORMAT, RUN_ONLY_FIELDS, Checkpointing, TrainingStopped, resume_problem
+from study.train import train
 
 
-def runner_args(folder: Path) -> list[str]:
-    return ["run", "--study", str(folder / "resume.toml"), "--profile", "smoke",
-            "--device", "cpu", "--storage", f"sqlite:///{folder}/optuna.db",
-            "--tracking-uri", f"sqlite:///{folder}/mlflow.db"]
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(tiny_config, tmp_path):
+    """Stop at an epoch end, save, load with weights_only (what a checkpoint file allows),
+    resume: the weights, Adam's moments, history and test metrics are those of a run that was
+    never stopped (dynamic binarization and a learning-rate stage change cross the stop)."""
+    config = tiny_config.replace(epochs=5, train_subset=600, binarize="dynamic",
+                                 lr_schedule="burda", test_iw_k=5, checkpoint_minutes=60)
+    straight = train(config)
+
+    saved = []
+    stop_after_epoch = 2
+    checkpointing = Checkpointing(save=saved.append,
+                                  stop=lambda: len(rec.epochs) == stop_after_epoch)
+    rec = Recorder()
+    with pytest.raises(TrainingStopped, match="stopped at the end of epoch 2 of 5") as stopped:
+        train(config, [rec], checkpointing=checkpointing)
+    assert stopped.value.epoch == 2 and len(saved) == 1  # 60 minutes never passed: one save
+    path = tmp_path / "state.pt"
+    torch.save(saved[0], path)
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert resume_problem(config, state) is None
+    assert "latent_dim 20 -> 8" in resume_problem(config.replace(latent_dim=8), state)
+    assert resume_problem(config.replace(threads=1, checkpoint_minutes=0), state) is None
+
+    rec = Recorder()
+    resumed = train(config, [rec], resume=state)
+    assert [e for e, _ in rec.epochs] == [3, 4, 5]  # only the epochs not yet run
+    assert same_but_time(resumed.history, straight.history)
+    assert resumed.test == straight.test
+    for (name, a), b in zip(straight.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.seconds >= state["seconds"]
 
 
-def start(folder: Path, log_name: str, data_root: Path) -> subprocess.Popen:
-    (folder / "resume.toml").write_text(textwrap.dedent(SPEC))
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "VAE_DATA_ROOT": str(data_root)}
-    with open(folder / log_name, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "study.runner", *runner_args(folder)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+def test_checkpoints_follow_the_cadence(tiny_config):
+    """checkpoint_minutes = 0 saves at every epoch end but the last; a finished run is never
+    saved (it needs no resuming)."""
+    saved = []
+    config = tiny_config.replace(epochs=3, train_subset=300, checkpoint_minutes=0, test_iw_k=2)
+    train(config, checkpointing=Checkpointing(save=saved.append), evaluate_at_end=False)
+    assert [s["epoch"] for s in saved] == [1, 2]
+    assert [len(s["history"]) for s in saved] == [1, 2]
+    assert "checkpoint_minutes must be >= 0" in " ".join(
+        config.replace(checkpoint_minutes=-1).validate())
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def test_a_state_saved_before_a_field_existed_resumes_with_its_default(tiny_config):
+    """A resumable state whose config predates `optimizer` and `init` was made with their
+    defaults: it resumes a run with the defaults and is refused by one with other values."""
+    config = tiny_config.replace(epochs=3)
+    old = dataclasses.asdict(config)
+    del old["optimizer"], old["init"]
+    state = {"format": 1, "config": old, "epoch": 1}
+    assert resume_problem(config, state) is None
+    problem = resume_problem(config.replace(optimizer="adam_burda"), state)
+    assert problem and "optimizer 'adam' -> 'adam_burda'" in problem
 
 
-def checkpoint_epoch(folder: Path) -> int:
-    """The newest checkpoint_epoch of any trial, read-only straight from SQLite (0 if none)."""
-    db = folder / "optuna.db"
-    if not db.exists():
-        return 0
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = conn.execute("SELECT value_json FROM trial_user_attributes "
-                            "WHERE key = 'checkpoint_epoch'").fetchall()
-    except sqlite3.OperationalError:  # no tables yet
-        return 0
-    finally:
-        conn.close()
-    return max((json.loads(v) for (v,) in rows), default=0)
-
-
-def interrupt(folder: Path, data_root: Path, sig: int, at_epoch: int) -> subprocess.Popen:
-    """Start the study and send `sig` to its process group once epoch `at_epoch` is saved."""
-    proc = start(folder, "interrupted.log", data_root)
-    deadline = time.monotonic() + 240
-    while checkpoint_epoch(folder) < at_epoch:
-        assert proc.poll() is None, (folder / "interrupted.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, (folder / "interrupted.log").read_text()[-3000:]
-        time.sleep(0.02)
-    os.killpg(proc.pid, sig)
-    return proc
-
-
-def trial_runs(folder: Path):
-    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-    experiment = client.get_experiment_by_name("resume")
-    return client, client.search_runs([experiment.experiment_id], "tags.run_kind = 'trial'")
-
-
-def curves(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """(epoch, value) of the per-epoch curves a reader compares, in logging order."""
-    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-            for key in ("val/nelbo", "train/loss", "lr", "val/kl_dim_00")}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data_root, tmp_path_factory):
-    """The same study, never interrupted: its one run's curves and test metrics."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    assert finish(start(folder, "run.log", data_root)) == 0, (folder / "run.log").read_text()
-    client, (run,) = trial_runs(folder)
-    return curves(client, run.info.run_id), {k: v for k, v in run.data.metrics.items()
-                                             if k.startswith("test/")}
-
-
-def assert_resumed_like_uninterrupted(folder: Path, uninterrupted) -> tuple:
-    expected_curves, expected_test = uninterrupted
-    client, runs = trial_runs(folder)
-    (run,) = runs  # the resumed trial went on in the stopped trial's run
-    assert run.info.status == "FINISHED"
-    assert "stop_reason" not in run.data.tags and "failure_reason" not in run.data.tags
-    got = curves(client, run.info.run_id)
-    assert got == expected_curves  # every epoch once, and the same numbers
-    assert [s for s, _ in got["val/nelbo"]] == list(range(1, EPOCHS + 1))
-    assert {k: v for k, v in run.data.metrics.items() if k.startswith("test/")} == expected_test
-    study = optuna.load_study(study_name="resume-smoke", storage=f"sqlite:///{folder}/optuna.db")
-    first, second = study.trials
-    assert first.state.name == "FAIL" and second.state.name == "COMPLETE"
-    assert first.user_attrs["mlflow_run_id"] == second.user_attrs["mlflow_run_id"] \
-        == run.info.run_id
-    assert second.user_attrs["resumed_from_trial"] == first.number
-    assert run.data.tags["resumed_at_epoch"] == str(second.user_attrs["resumed_at_epoch"])
-    return run, first, second
-
-
-def test_sigterm_stops_at_an_epoch_end_and_the_same_command_resumes(tmp_path, data_root,
-                                                                    uninterrupted):
-    proc = interrupt(tmp_path, data_root, signal.SIGTERM, at_epoch=2)
-    assert finish(proc, timeout=60) == 128 + signal.SIGTERM
-    log = (tmp_path / "interrupted.log").read_text()
-    assert "resumable (SIGTERM received)" in log and "the same command resumes them" in log
-
-    client, (run,) = trial_runs(tmp_path)
-    assert run.info.status == "KILLED"
-    stopped_at = int(run.data.tags["stop_reason"].split("end of epoch ")[1].split()[0])
-    assert 2 <= stopped_at < EPOCHS
-    assert "run the same command again to resume" in run.data.tags["stop_reason"]
-    saved = [f.path for f in client.list_artifacts(run.info.run_id, "resume")]
-    assert saved and all(p.startswith("resume/state-") for p in saved)
-    logged = [m.step for m in client.get_metric_history(run.info.run_id, "val/nelbo")]
-    assert logged == list(range(1, stopped_at + 1))  # nothing after the stop
-
-    again = start(tmp_path, "again.log", data_root)
-    assert finish(again) == 0, (tmp_path / "again.log").read_text()[-3000:]
-    assert f"resuming run {run.info.run_id} at epoch {stopped_at} of {EPOCHS}" in \
-        (tmp_path / "again.log").read_text()
-    _, first, second = assert_resumed_like_uninterrupted(tmp_path, uninterrupted)
-    assert first.user_attrs["checkpoint_epoch"] == stopped_at == \
-        second.user_attrs["resumed_at_epoch"]
-    assert "SIGTERM received" in first.user_attrs["stopped"]
-
-
-def test_a_killed_trial_resumes_from_its_last_checkpoint(tmp_path, data_root, uninterrupted):
-    """SIGKILL lands anywhere: maybe after an epoch was logged but before it was saved. The
-    re-queued trial resumes from the newest state that loads and logs no epoch twice."""
-    proc = interrupt(tmp_path, data_root, signal.SIGKILL, at_epoch=3)
-    proc.wait()
-    client, (run,) = trial_runs(tmp_path)
-    assert run.info.status == "RUNNING"  # the kill landed inside the trial
-
-    again = start(tmp_path, "again.log", data_root)
-    assert finish(again) == 0, (tmp_path / "again.log").read_text()[-3000:]
-    log = (tmp_path / "again.log").read_text()
-    assert "FAILED: worker process" in log and f"resuming run {run.info.run_id}" in log
-    _, first, second = assert_resumed_like_uninterrupted(tmp_path, uninterrupted)
-    assert second.system_attrs.get("failed_trial") == first.number  # the re-queued trial
-    assert second.user_attrs["resumed_at_epoch"] >= 3
-
-
-def test_stop_after_must_be_positive(tmp_path):
-    from study.runner import main
-
-    assert main(["run", "--study", "loss_choice", "--stop-after", "0",
-                 "--storage", f"sqlite:///{tmp_path}/o.db"]) == 2
-    assert not (tmp_path / "o.db").exists()
-
-
-def test_a_resumed_logger_skips_the_epochs_already_in_the_run(tmp_path):
-    """After a kill between logging an epoch and saving it, the resumed trial recomputes that
-    epoch (the same numbers); TrialLogger does not log it a second time."""
-    from study.tracking import Tracker, TrialLogger, last_logged_epoch
-
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
-    run_id = tracker.start_run(tracker.experiment_id("resume-logger"), "run", {})
-    first = TrialLogger(tracker, run_id)
-    for epoch in (1, 2, 3):
-        first.on_epoch(epoch, {"val/nelbo": 100.0 - epoch, "epoch_seconds": 0.1})
-    assert last_logged_epoch(tracker, run_id) == 3
-    resumed = TrialLogger(tracker, run_id, logged_through=last_logged_epoch(tracker, run_id))
-    for epoch in (3, 4):  # resumed from a state saved at epoch 2
-        resumed.on_epoch(epoch, {"val/nelbo": 100.0 - epoch, "epoch_seconds": 0.1})
-    history = tracker.client.get_metric_history(run_id, "val/nelbo")
-    assert [(m.step, m.value) for m in history] == [(1, 99.0), (2, 98.0), (3, 97.0), (4, 96.0)]
-
-
-def test_a_resumed_run_is_not_closed_as_an_orphan(tmp_path):
-    """close_orphan_runs ends the RUNNING run of a failed trial, unless a running trial of its
-    own worker resumed that run; a re-queued copy that only inherited the attrs claims none."""
-    from study import runner
-    from study.tracking import Tracker
-
-    storage = runner.open_storage(f"sqlite:///{tmp_path}/optuna.db")
-    study = optuna.create_study(study_name="orphans", storage=storage)
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = tracker.experiment_id("orphans")
-    resumed, orphan = (tracker.start_run(experiment, name, {}) for name in ("resumed", "orphan"))
-
-    def trial(run_id, state, own_worker):
-        t = study.ask()
-        t.set_user_attr("mlflow_run_id", run_id)
-        owner = runner.worker_process(t.number if own_worker else t.number - 1)
-        t.set_user_attr("worker_process", owner)
-        if state == "FAIL":
-            study.tell(t, state=optuna.trial.TrialState.FAIL)
-
-    trial(resumed, "FAIL", own_worker=True)  # stopped; a later trial resumed its run:
-    trial(resumed, "RUNNING", own_worker=True)
-    trial(orphan, "FAIL", own_worker=True)  # died; its copy only inherited the attrs:
-    trial(orphan, "RUNNING", own_worker=False)
-    runner.close_orphan_runs(study, tracker)
-    assert tracker.client.get_run(resumed).info.status == "RUNNING"
-    assert tracker.client.get_run(orphan).info.status == "FAILED"
+@pytest.mark.parametrize("change, problem", [
+    (dict(format=RESUME_FORMAT + 1), f"resume format {RESUME_FORMAT + 1}, expected {RESUME_FORMAT}"),
+    (dict(epoch=3), "the state is at epoch 3 of 3"),
+    (dict(epoch=0), "the state is at epoch 0 of 3"),
+    (dict(config_change=dict(beta=2.0)), "beta 2.0 -> 1.0"),
+    (dict(config_change=dict(hidden=[400, 200])), "hidden [400, 200] -> (400,)"),
+    *[(dict(config_change={name: value}), None) for name, value in
+      zip(RUN_ONLY_FIELDS, ("cuda", 7, True, 0.0, "/elsewhere"), strict=True)],
+])
+def test_resume_problem_names_what_differs(tiny_config, change, problem):
+    """Another format, a state at no epoch the run can go on from, or a config that computes
+    something else are refused; the fields that only say where and how fast a run trains
+    (RUN_ONLY_FIELDS) may differ."""
+    config = tiny_config.replace(epochs=3)
+    saved = {**dataclasses.asdict(config), **change.get("config_change", {})}
+    state = {"format": change.get("format", RESUME_FORMAT), "config": saved,
+             "epoch": change.get("epoch", 1)}
+    found = resume_problem(config, state)
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found, found
