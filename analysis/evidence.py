@@ -1,5 +1,6 @@
-"""Data evidence computed from the datasets themselves, no training: pixel-intensity
-statistics, the Bernoulli entropy floor, per-pixel loss curves and the loss-scale audit.
+"""The data evidence a suite logged as `evidence.json` on its study run (study.evidence
+computes it from the datasets with the study's own likelihoods), read back without torch; and
+the loss-scale audit, which needs only D.
 
 Reductions: shares are over all pixels of all training images; the entropy floor is summed
 over pixels and averaged over images (nats per image), like every loss in the study.
@@ -9,17 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from study.config import Config
-
-MID_GREY = (0.1, 0.9)
-"""A pixel is mid-grey when 0.1 < x < 0.9, and ink (not background) when x > 0.1."""
-TARGETS = (0.0, 0.25, 0.5, 1.0)
-"""Target intensities of the per-pixel loss curves."""
 
 
 @dataclass
@@ -43,85 +38,31 @@ class PixelEvidence:
         return np.arange(256) / 255.0
 
 
-def pixel_evidence(dataset: str, root: Path) -> PixelEvidence:
-    """Statistics of all official training images of `dataset` (train and validation)."""
-    import torch
-
-    from study.data import load_splits
-    from study.likelihoods import bernoulli_entropy_floor
-
-    splits = load_splits(dataset, root, val_size=1)
-    images = torch.cat([splits.train.images, splits.val.images])
-    histogram = torch.bincount(images.flatten().long(), minlength=256).numpy()
-    levels = np.arange(256) / 255.0
-    total = histogram.sum()
-    mid = (levels > MID_GREY[0]) & (levels < MID_GREY[1])
-    ink = levels > MID_GREY[0]
-    # sum_i H(x_i) over all pixels, grouped by grey level: exact, and 256 evaluations
-    # of the study's own entropy floor instead of 47 million
-    per_level = bernoulli_entropy_floor(torch.arange(256, dtype=torch.float64).div(255).view(256, 1))
-    floor = float((per_level.numpy() * histogram).sum())
-    return PixelEvidence(
-        dataset=dataset,
-        n_images=len(images),
-        n_pixels=int(np.prod(images.shape[1:])),
-        image_shape=tuple(images.shape[1:]),
-        histogram=histogram,
-        mean=float((histogram * levels).sum() / total),
-        share_mid_grey=float(histogram[mid].sum() / total),
-        share_mid_grey_of_ink=float(histogram[mid].sum() / histogram[ink].sum()),
-        entropy_floor=floor / len(images),
-    )
+@dataclass
+class Evidence:
+    pixels: dict[str, PixelEvidence]
+    """Dataset name -> its pixel statistics."""
+    curves: pd.DataFrame
+    """target, prediction, loss, value, gradient: the per-pixel loss curves."""
+    cost: pd.DataFrame
+    """target, prediction, entropy_floor, bce_excess, squared_error: one error's cost."""
+    mid_grey: tuple[float, float]
+    """A pixel is mid-grey when mid_grey[0] < x < mid_grey[1], and ink when x > mid_grey[0]."""
+    targets: tuple[float, ...]
+    error: float
+    """How far from its target the cost table's prediction is."""
 
 
-def loss_curves(targets=TARGETS, points: int = 399) -> pd.DataFrame:
-    """Per-pixel BCE minus its minimum, and squared error, against the prediction p.
-
-    Computed with the study's own likelihood objects (Bernoulli on logit(p); Gaussian with
-    sigma^2 = 1/2, whose negative log-density is (p - x)^2 + log(pi)/2), and their gradients
-    d loss / d p by autograd. Long frame: target, prediction, loss, value, gradient.
-    """
-    import torch
-
-    from study.likelihoods import LOG_PI, Bernoulli, Gaussian, bernoulli_entropy_floor
-
-    p = torch.linspace(0.0, 1.0, points + 2, dtype=torch.float64)[1:-1]
-    rows = []
-    for target in targets:
-        x = torch.full((points, 1), float(target), dtype=torch.float64)
-        for name in ("BCE − min", "squared error"):
-            q = p.clone().unsqueeze(1).requires_grad_(True)
-            if name == "BCE − min":
-                logits = q.log() - (1 - q).log()
-                value = -Bernoulli().log_prob(x, logits) - bernoulli_entropy_floor(x)
-            else:
-                value = -Gaussian(math.sqrt(0.5)).log_prob(x, q) - LOG_PI / 2
-            (grad,) = torch.autograd.grad(value.sum(), q)
-            rows.append(pd.DataFrame({
-                "target": target, "prediction": p.numpy(), "loss": name,
-                "value": value.detach().numpy(), "gradient": grad.squeeze(1).numpy(),
-            }))
-    return pd.concat(rows, ignore_index=True)
-
-
-def cost_of_an_error(targets=TARGETS, error: float = 0.1) -> pd.DataFrame:
-    """For each target: the entropy floor H(x) and both losses at a prediction `error` away."""
-    import torch
-
-    from study.likelihoods import bernoulli_entropy_floor
-
-    curves = loss_curves(targets, points=999)
-    rows = []
-    for target in targets:
-        p = target + error if target + error < 1 else target - error
-        at = curves[(curves["target"] == target)]
-        nearest = at.iloc[(at["prediction"] - p).abs().argsort()[:2]]
-        bce = nearest[nearest["loss"] == "BCE − min"]["value"].iloc[0]
-        sse = nearest[nearest["loss"] == "squared error"]["value"].iloc[0]
-        h = float(bernoulli_entropy_floor(torch.tensor([[target]], dtype=torch.float64)))
-        rows.append({"target": target, "prediction": p, "entropy_floor": h,
-                     "bce_excess": float(bce), "squared_error": float(sse)})
-    return pd.DataFrame(rows)
+def from_json(doc: dict) -> Evidence:
+    """`evidence.json` as study.evidence.data_evidence wrote it -> Evidence."""
+    pixels = {name: PixelEvidence(
+        dataset=p["dataset"], n_images=int(p["n_images"]), n_pixels=int(p["n_pixels"]),
+        image_shape=tuple(p["image_shape"]), histogram=np.asarray(p["histogram"], dtype=float),
+        mean=p["mean"], share_mid_grey=p["share_mid_grey"],
+        share_mid_grey_of_ink=p["share_mid_grey_of_ink"], entropy_floor=p["entropy_floor"],
+    ) for name, p in doc["pixels"].items()}
+    return Evidence(pixels, pd.DataFrame(doc["loss_curves"]), pd.DataFrame(doc["cost_of_an_error"]),
+                    tuple(doc["mid_grey"]), tuple(doc["targets"]), float(doc["error"]))
 
 
 def loss_scale_audit(n_pixels: int) -> pd.DataFrame:

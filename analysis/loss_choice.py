@@ -6,7 +6,7 @@ the budget ladder. Every sentence about results is generated from the numbers he
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -33,7 +33,8 @@ class Context:
     store: RunStore | None
     """The runs this report is about (one profile when --profile is given)."""
     ui_url: str
-    evidence: dict[str, evidence.PixelEvidence] = field(default_factory=dict)
+    evidence: evidence.Evidence | None = None
+    """The data evidence a study run logged (None: see data_problem)."""
     data_problem: str | None = None
     render_md: Callable[..., str] | None = None
     """Callable(template name, **values) -> Markdown text of a background template."""

@@ -9,14 +9,18 @@ import pandas as pd
 from analysis import evidence, figures, tables
 from analysis.blocks import Figure, Markdown, Missing, Notice, Section, Table, Text
 
+EVIDENCE_COMMAND = "make study STUDY=loss_choice"
+"""A study's start logs the data evidence on its study run."""
+
 
 def background(ctx) -> Section:
     """`ctx`: the report's Context (its evidence and render_md)."""
     if not ctx.evidence:
         text = ctx.render_md("loss_choice_background.md.j2", D="D", shape="unread")
         return Section("Background", [Markdown(text), Notice(
-            "the loss-scale audit needs D, the pixels per image, from the data.", "make data")])
-    first = next(iter(ctx.evidence.values()))
+            "the loss-scale audit needs D, the pixels per image, from the data evidence.",
+            EVIDENCE_COMMAND)])
+    first = next(iter(ctx.evidence.pixels.values()))
     d, shape = first.n_pixels, "×".join(str(s) for s in first.image_shape)
     blocks = [Markdown(ctx.render_md("loss_choice_background.md.j2", D=d, shape=shape))]
     audit = evidence.loss_scale_audit(d)
@@ -35,29 +39,29 @@ def background(ctx) -> Section:
 def data_evidence(ctx) -> tuple[Section, list[Missing]]:
     section = Section("Data evidence (from the datasets, no training)")
     if not ctx.evidence:
-        section.blocks.append(Notice(f"the datasets could not be read ({ctx.data_problem}).",
-                                     "make data"))
-        return section, [Missing("the datasets (data evidence)", "make data")]
-    ev = list(ctx.evidence.values())
-    section.blocks += pixel_blocks(ev)
-    section.blocks += loss_blocks()
+        section.blocks.append(Notice(f"no data evidence: {ctx.data_problem}.", EVIDENCE_COMMAND))
+        return section, [Missing("the data evidence", EVIDENCE_COMMAND)]
+    section.blocks += pixel_blocks(ctx.evidence)
+    section.blocks += loss_blocks(ctx.evidence)
     return section, []
 
 
-def pixel_blocks(ev: list[evidence.PixelEvidence]) -> list:
+def pixel_blocks(data: evidence.Evidence) -> list:
     """The histogram, the pixel-statistics table and what they say, per dataset."""
+    ev = [data.pixels[d] for d in tables.DATASET_ORDER if d in data.pixels]
     hist = pd.concat([pd.DataFrame({
         "dataset": tables.dataset_label(e.dataset), "level": e.levels,
         "share": e.histogram / e.histogram.sum()}) for e in ev])
     blocks = [Figure(
         "pixel_histograms", "Pixel intensities of the training images",
         "Share of all training pixels at each grey level (log scale), official train split "
-        "(train + validation); the band marks mid-grey values 0.1 < x < 0.9.",
-        figures.to_png(figures.pixel_histograms(hist, evidence.MID_GREY)))]
+        f"(train + validation); the band marks mid-grey values {data.mid_grey[0]:g} < x < "
+        f"{data.mid_grey[1]:g}.",
+        figures.to_png(figures.pixel_histograms(hist, data.mid_grey)))]
     rows = [{
         "dataset": tables.dataset_label(e.dataset), "images": e.n_images, "D (pixels)": e.n_pixels,
         "mean intensity": e.mean, "mid-grey share (all pixels)": f"{100 * e.share_mid_grey:.1f}%",
-        "mid-grey share of ink (x > 0.1)": f"{100 * e.share_mid_grey_of_ink:.1f}%",
+        f"mid-grey share of ink (x > {data.mid_grey[0]:g})": f"{100 * e.share_mid_grey_of_ink:.1f}%",
         "BCE entropy floor (nats / image)": e.entropy_floor,
         "floor per pixel (nats)": e.entropy_floor / e.n_pixels,
     } for e in ev]
@@ -67,7 +71,8 @@ def pixel_blocks(ev: list[evidence.PixelEvidence]) -> list:
         name = tables.dataset_label(e.dataset)
         blocks.append(Text(
             f"{name}: {100 * e.share_mid_grey:.1f}% of all pixels are mid-grey, and "
-            f"{100 * e.share_mid_grey_of_ink:.1f}% of the ink pixels (x > 0.1) are. No decoder "
+            f"{100 * e.share_mid_grey_of_ink:.1f}% of the ink pixels (x > {data.mid_grey[0]:g}) are. "
+            f"No decoder "
             f"can bring the summed BCE of {name} below {e.entropy_floor:.1f} nats per image "
             f"(its entropy floor): that much of every BCE “reconstruction loss” reported on "
             f"{name} is the grey values' entropy, not reconstruction error."))
@@ -82,25 +87,25 @@ def pixel_blocks(ev: list[evidence.PixelEvidence]) -> list:
     return blocks
 
 
-def loss_blocks() -> list:
+def loss_blocks(data: evidence.Evidence) -> list:
     """The per-pixel loss curves and the cost of one error, with what they say."""
-    curves = evidence.loss_curves()
+    curves = data.curves
     blocks = [Figure(
         "loss_curves", "Per-pixel losses against the prediction",
         "Top: BCE minus its minimum H(x) (nats) and the squared error (p − x)², for targets "
-        f"x = {', '.join(f'{t:g}' for t in evidence.TARGETS)}. Bottom: their gradients with "
+        f"x = {', '.join(f'{t:g}' for t in data.targets)}. Bottom: their gradients with "
         "respect to the prediction p (clipped to ±10). Computed with the study's Bernoulli "
         "and fixed-σ Gaussian likelihood objects and autograd.",
         figures.to_png(figures.loss_curves(curves)))]
-    cost = evidence.cost_of_an_error()
+    cost = data.cost
     blocks.append(Table.from_frame(cost.rename(columns={
         "target": "target x", "prediction": "prediction p", "entropy_floor": "H(x) floor (nats)",
         "bce_excess": "BCE − H(x) at p", "squared_error": "(p − x)² at p"}),
-        "The cost of predicting 0.1 away from the target, per pixel"))
+        f"The cost of predicting {data.error:g} away from the target, per pixel"))
     edge = cost[cost["target"].isin([0.0, 1.0])]["bce_excess"].mean()
     mid = cost[cost["target"] == 0.5]["bce_excess"].iloc[0]
     blocks.append(Text(
-        f"For the same error of 0.1 the squared error is the same everywhere, but BCE charges "
+        f"For the same error of {data.error:g} the squared error is the same everywhere, but BCE charges "
         f"{edge:.3f} nats at a black or white target and {mid:.3f} at x = 0.5: "
         f"{edge / mid:.1f} times more. BCE spends its effort on the saturated pixels; its "
         f"gradient in p, (p − x) / (p(1 − p)), grows without bound near 0 and 1, while the "

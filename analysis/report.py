@@ -17,21 +17,17 @@ import sys
 from pathlib import Path
 
 from analysis import kl_dynamics, loss_choice, reproduction, tables
+from analysis.evidence import from_json
 from analysis.runs import FINISHED, RunStore, load_runs, redact
 from study.errors import UsageError
+from study.paths import EVIDENCE_FILE
+from study.stores import default_tracking_uri
 
 TEMPLATES = Path(__file__).with_name("templates")
 DEFAULT_UI = "http://127.0.0.1:5000"
 EXPECTED_STUDIES = ("loss_choice", "kl_dynamics", "search_mnist", "search_fashion")
 STAGING_PREFIX = ".staging-"
 """A build writes into `<out>/.staging-<pid>/` and moves the files into place at the end."""
-
-
-def default_tracking_uri() -> str:
-    """$VAE_TRACKING_URI (as the runner reads it), else $MLFLOW_TRACKING_URI, else
-    sqlite:///<cwd>/mlruns/mlflow.db."""
-    return os.environ.get("VAE_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{Path.cwd().resolve() / 'mlruns' / 'mlflow.db'}"
 
 
 # --------------------------------------------------------------------------- rendering
@@ -82,14 +78,13 @@ def write(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- building
 
 
-def read_evidence(data_root: Path):
-    """Pixel evidence of both datasets, or ({}, why not)."""
-    from analysis.evidence import pixel_evidence
-
-    try:
-        return {d: pixel_evidence(d, data_root) for d in tables.DATASET_ORDER}, None
-    except UsageError as exc:
-        return {}, str(exc)
+def read_evidence(store: RunStore):
+    """The data evidence the newest loss_choice study run logged, or (None, why not)."""
+    doc = store.study_artifact(loss_choice.STUDY, EVIDENCE_FILE)
+    if doc is None:
+        return None, (f"no {loss_choice.STUDY} study run in the store has logged "
+                      f"{EVIDENCE_FILE} (it is logged when a study starts)")
+    return from_json(doc), None
 
 
 def study_rows(store: RunStore, ui_url: str) -> list[dict]:
@@ -111,7 +106,6 @@ def study_rows(store: RunStore, ui_url: str) -> list[dict]:
 
 
 def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
-                  data_root: Path = Path("data"),
                   collapse_threshold: float = kl_dynamics.COLLAPSE_THRESHOLD,
                   profile: str | None = None) -> list[Path]:
     """Read the runs (of `profile`, when given), build the reports (the reproduction only
@@ -129,15 +123,14 @@ def build_reports(tracking_uri: str, out: Path, ui_url: str = DEFAULT_UI,
     staging = out / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
-        built = build_into(staging, store, ui_url, Path(data_root), collapse_threshold,
-                           everything)
+        built = build_into(staging, store, ui_url, collapse_threshold, everything)
         return publish(staging, out, built)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def build_into(folder: Path, store: RunStore, ui_url: str, data_root: Path,
-               collapse_threshold: float, everything: RunStore | None = None) -> list[Path]:
+def build_into(folder: Path, store: RunStore, ui_url: str, collapse_threshold: float,
+               everything: RunStore | None = None) -> list[Path]:
     """Every report, its figures and the index written under `folder`; their paths relative
     to it, index.html last. `everything`: every profile's runs (default: `store`)."""
     html_env, md_env = environments()
@@ -145,12 +138,15 @@ def build_into(folder: Path, store: RunStore, ui_url: str, data_root: Path,
     def render_md(name, **values):
         return md_env.get_template(name).render(**values)
 
-    evidence, data_problem = read_evidence(data_root)
+    progress("loss_choice")
+    evidence, data_problem = read_evidence(everything or store)
     loss_report, verdict_rows = loss_choice.build(loss_choice.Context(
         store, ui_url, evidence, data_problem, render_md, everything))
+    progress("kl_dynamics")
     kl_report = kl_dynamics.build(kl_dynamics.Context(
         store, ui_url, render_md, collapse_threshold, everything))
     reports = [loss_report, kl_report]
+    progress("reproduction")
     repro_report = reproduction.build(reproduction.Context(store, render_md))
     if repro_report is not None:
         reports.append(repro_report)
@@ -168,6 +164,7 @@ def build_into(folder: Path, store: RunStore, ui_url: str, data_root: Path,
             path = Path(f"{report.name}.{ext}")
             write(folder / path, env.get_template(f"report.{ext}.j2").render(report=report))
             written.append(path)
+    progress("index")
     missing = {}
     for m in loss_report.missing + kl_report.missing:
         missing.setdefault(m.what, m)
@@ -178,6 +175,11 @@ def build_into(folder: Path, store: RunStore, ui_url: str, data_root: Path,
         missing=list(missing.values()))
     write(folder / "index.html", index)
     return [*written, Path("index.html")]
+
+
+def progress(page: str) -> None:
+    """One line on stderr per page as the build reaches it (a build takes tens of seconds)."""
+    print(f"report: building {page}", file=sys.stderr, flush=True)
 
 
 def publish(staging: Path, out: Path, built: list[Path]) -> list[Path]:
@@ -218,15 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                     "MLflow runs of the studies. Builds from whatever studies have run and "
                     "lists what is missing; an empty store is an error (exit status 2).")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                             "sqlite:///<cwd>/mlruns/mlflow.db)")
+                        help="MLflow tracking URI (default: $VAE_TRACKING_URI, else "
+                             "sqlite:///<project>/mlruns/mlflow.db, as for vae-study)")
     parser.add_argument("--out", type=Path, default=Path("reports"),
                         help="output folder (default: reports)")
     parser.add_argument("--ui-url", default=DEFAULT_UI,
                         help=f"base URL of the MLflow UI for run links (default: {DEFAULT_UI})")
-    parser.add_argument("--data-root", type=Path, default=Path("data"),
-                        help="folder with MNIST/raw and FashionMNIST/raw for the data evidence "
-                             "(default: data)")
     parser.add_argument("--collapse-threshold", type=float,
                         default=kl_dynamics.COLLAPSE_THRESHOLD,
                         help="KL (nats) below which a latent dimension counts as collapsed "
@@ -240,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.collapse_threshold > 0:
             raise UsageError(f"--collapse-threshold must be > 0, got {args.collapse_threshold}")
-        written = build_reports(uri, args.out, args.ui_url, args.data_root,
-                                args.collapse_threshold, args.profile)
+        written = build_reports(uri, args.out, args.ui_url, args.collapse_threshold,
+                                args.profile)
     except UsageError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return UsageError.exit_code

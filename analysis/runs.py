@@ -12,6 +12,7 @@ of a finished run that repeated a grid point and seed already counted (NaN for r
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,26 @@ class RunStore:
                 rows.extend((run_id, key, s, v) for s, v in self._histories[cache_key])
         frame = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
         return frame.sort_values(["run_id", "key", "step"]).reset_index(drop=True)
+
+    def study_artifact(self, study: str, name: str) -> dict | None:
+        """The JSON artifact `name` of the newest study run (an invocation's run, not a
+        trial's) of `study` that logged it; None when none did or the store cannot be read."""
+        experiment = self.experiments.get(study)
+        if experiment is None:
+            return None
+        client = self.client
+        try:
+            for run in client.search_runs([experiment], order_by=["attributes.start_time DESC"],
+                                          max_results=200):
+                if "likelihood" in run.data.params or PARENT_TAG in run.data.tags:
+                    continue
+                if name in {a.path for a in client.list_artifacts(run.info.run_id)}:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        local = client.download_artifacts(run.info.run_id, name, tmp)
+                        return json.loads(Path(local).read_text())
+        except Exception:  # an unreachable artifact store or a damaged file: shown as missing
+            return None
+        return None
 
     def artifact_png(self, run_id: str, contains: str) -> bytes | None:
         """Bytes of the first PNG artifact of a run whose file name contains `contains`."""

@@ -17,6 +17,7 @@ import torch
 
 from study.data import load_splits
 from study.likelihoods import LOG_PI, Bernoulli, Gaussian, bernoulli_entropy_floor
+from study.paths import EVIDENCE_FILE
 
 MID_GREY = (0.1, 0.9)
 """A pixel is mid-grey when 0.1 < x < 0.9, and ink (not background) when x > 0.1."""
@@ -24,7 +25,6 @@ TARGETS = (0.0, 0.25, 0.5, 1.0)
 """Target intensities of the per-pixel loss curves."""
 ERROR = 0.1
 """How far from its target a prediction is in the cost-of-an-error table."""
-FILE = "evidence.json"
 
 
 def pixel_evidence(dataset: str, root) -> dict:
@@ -98,6 +98,6 @@ def data_evidence(datasets, root) -> dict:
 
 
 def write_evidence(datasets, root, folder: Path) -> Path:
-    path = Path(folder) / FILE
+    path = Path(folder) / EVIDENCE_FILE
     path.write_text(json.dumps(data_evidence(datasets, root)))
     return path

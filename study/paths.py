@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+EVIDENCE_FILE = "evidence.json"
+"""The study run's artifact holding the data evidence (study.evidence writes, reports read)."""
 
 
 def project_root() -> Path:

@@ -8,6 +8,7 @@ helpers: report_runs.py).
 from __future__ import annotations
 
 import base64
+import os
 import re
 import signal
 import sqlite3
@@ -52,12 +53,12 @@ def store(tmp_path_factory, data_root):
 
 
 @pytest.fixture(scope="session")
-def built(store, data_root, tmp_path_factory):
+def built(store, tmp_path_factory):
     """The reports built by the CLI from the miniature studies."""
     out = tmp_path_factory.mktemp("reports")
     # 0.1 nats: after two epochs on 1000 images a few dimensions are that quiet already
     rc = report.main(["--tracking-uri", store[0], "--out", str(out), "--ui-url", UI,
-                      "--data-root", str(data_root), "--collapse-threshold", "0.1"])
+                      "--collapse-threshold", "0.1"])
     assert rc == 0
     return out
 
@@ -196,7 +197,7 @@ def copy_store(uri: str, dest: Path) -> Path:
     return dest
 
 
-def test_partial_store_builds_and_lists_what_is_missing(store, data_root, tmp_path):
+def test_partial_store_builds_and_lists_what_is_missing(store, tmp_path):
     from mlflow import MlflowClient
 
     uri, ids = store
@@ -205,21 +206,40 @@ def test_partial_store_builds_and_lists_what_is_missing(store, data_root, tmp_pa
     client = MlflowClient(tracking_uri=partial)
     for study in ("kl_dynamics", "search_mnist"):
         client.delete_experiment(ids[study])
+    for run in client.search_runs([ids["loss_choice"]], max_results=1000):
+        if "likelihood" not in run.data.params:  # the study run, and with it the data evidence
+            client.delete_run(run.info.run_id)
     out = tmp_path / "reports"
-    assert report.main(["--tracking-uri", partial, "--out", str(out),
-                        "--data-root", str(tmp_path / "no-data")]) == 0
+    assert report.main(["--tracking-uri", partial, "--out", str(out)]) == 0
     kl = (out / "kl_dynamics.html").read_text()
     index = (out / "index.html").read_text()
     for command in ("make study STUDY=kl_dynamics", "make study STUDY=search_mnist",
-                    "make study STUDY=search_fashion", "make data"):
+                    "make study STUDY=search_fashion", "make study STUDY=loss_choice"):
         assert command in index, command
     for command in ("make study STUDY=kl_dynamics", "make study STUDY=search_mnist"):
         assert command in kl, command
     assert "no finished runs of kl_dynamics" in kl
     loss = (out / "loss_choice.html").read_text()
-    assert "make study STUDY=loss_choice" in loss and "make data" in loss
-    assert len(parsed(out / "loss_choice.html").images) == 5  # no data: no data evidence
+    assert "make study STUDY=loss_choice" in loss and "no data evidence" in loss
+    assert len(parsed(out / "loss_choice.html").images) == 5  # no study run: no data evidence
     assert "Verdicts" in loss  # the trained-model evidence stands on the runs alone
+
+
+def test_a_build_reads_the_data_evidence_from_the_store_without_torch(store, tmp_path):
+    """The reports never touch the datasets or torch: the pixel statistics and loss curves come
+    from the evidence.json the study run logged. A progress line per page goes to stderr."""
+    out = tmp_path / "reports"
+    code = ("import sys; from analysis import report; "
+            f"rc = report.main(['--tracking-uri', {store[0]!r}, '--out', {str(out)!r}]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "VAE_DATA_ROOT": "/nonexistent"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for page in ("loss_choice", "kl_dynamics", "index"):
+        assert f"report: building {page}" in result.stderr
+    loss = (out / "loss_choice.md").read_text()
+    assert "entropy floor" in loss and "no data evidence" not in loss
+    assert "pixel_histograms" in loss and "loss_curves" in loss
 
 
 def test_an_empty_or_missing_store_is_a_one_line_error(store, tmp_path, capsys):
@@ -252,7 +272,7 @@ def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "analysis.report", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=WAIT_S)
     assert result.returncode == 0
-    for option in ("--tracking-uri", "--out", "--ui-url", "--data-root", "--collapse-threshold"):
+    for option in ("--tracking-uri", "--out", "--ui-url", "--profile", "--collapse-threshold"):
         assert option in result.stdout
 
 
@@ -273,7 +293,8 @@ def test_report_from_the_real_smoke_suite(tmp_path, data_root, monkeypatch, brow
                         "--profile", "default"]) == 2
     assert not (tmp_path / "none" / "index.html").exists()
     assert report.main(["--tracking-uri", uri, "--out", str(out), "--ui-url", UI,
-                        "--data-root", str(data_root), "--profile", "smoke"]) == 0
+                        "--profile", "smoke"]) == 0
+    assert "entropy floor" in (out / "loss_choice.md").read_text()  # the study run's evidence
     for page in PAGES:
         tables = parsed(out / f"{page}.html")
         assert tables.cells
@@ -331,12 +352,12 @@ DEGENERATE = {
 
 
 @pytest.mark.parametrize("subset", list(DEGENERATE))
-def test_every_page_builds_from_a_degenerate_subset(store, data_root, tmp_path, subset):
+def test_every_page_builds_from_a_degenerate_subset(store, tmp_path, subset):
     uri = subset_store(store[0], tmp_path / "mlflow.db", DEGENERATE[subset])
     out = tmp_path / "reports"
     result = subprocess.run(
-        [sys.executable, "-m", "analysis.report", "--tracking-uri", uri, "--out", str(out),
-         "--data-root", str(data_root)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "analysis.report", "--tracking-uri", uri, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for page in PAGES:
         assert (out / f"{page}.html").stat().st_size > 1000, page
@@ -387,8 +408,7 @@ def test_a_grid_point_trained_again_counts_once(store, data_root, tmp_path):
     log_more_runs(copy, "burda2016", [burda, burda], data_root, tmp_path)
 
     out = tmp_path / "reports"
-    assert report.main(["--tracking-uri", copy, "--out", str(out), "--data-root",
-                        str(data_root)]) == 0
+    assert report.main(["--tracking-uri", copy, "--out", str(out)]) == 0
     md = (out / "loss_choice.md").read_text()
     cells = re.search(r"^\| MNIST \| bernoulli \| 0\.5 \| (\d+) \| ([^|]+) \|", md, re.M)
     assert cells.group(1) == "1" and "[" not in cells.group(2)  # no zero-width interval
@@ -417,10 +437,10 @@ def test_a_grid_point_trained_again_counts_once(store, data_root, tmp_path):
 def test_a_killed_build_leaves_the_previous_pages_whole(store, tmp_path):
     """Issue #19, 4.3: SIGKILL of `python -m analysis.report` in the middle of its build leaves
     every page of the previous build as it was, and the next build clears what it left."""
-    # loss_choice only, without the data evidence: each build takes seconds
+    # loss_choice only: each build takes seconds
     uri = subset_store(store[0], tmp_path / "mlflow.db", lambda study, _: study == "loss_choice")
     out = tmp_path / "reports"
-    args = ["--tracking-uri", uri, "--out", str(out), "--data-root", str(tmp_path / "no-data")]
+    args = ["--tracking-uri", uri, "--out", str(out)]
     assert report.main([*args, "--ui-url", UI]) == 0
 
     def files():

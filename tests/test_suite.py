@@ -62,7 +62,8 @@ def test_one_parent_run_and_one_linked_child_run_per_trial(e2e):
     assert metrics["trials_complete"] == 2 and metrics["trials_pruned"] == 1
     assert metrics["trials_failed"] == 1
     assert math.isfinite(metrics["tracking_overhead_pct"]) and metrics["tracking_overhead_pct"] > 0
-    assert {a.path for a in e2e["client"].list_artifacts(parent.info.run_id)} == {"spec.json", "evidence.json"}
+    artifacts = {a.path for a in e2e["client"].list_artifacts(parent.info.run_id)}
+    assert artifacts == {"spec.json", "evidence.json"}
     experiment = e2e["client"].get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
