@@ -1,32 +1,41 @@
 """The command line: `ui` (a real `mlflow server` over the study's store, asked over REST and
 looked at in Chromium) and `dashboard`, each on loopback unless --host says otherwise; `run`
 with --only, --jobs and its refusals (one line, exit 2, nothing written); help, list and
---version; and make, whose echo shows no password."""
+--version; and make, whose echo and processes show no password, and whose `system` step names
+what it cannot install."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import subprocess
 import sys
 import urllib.parse
 
+import psutil
 import pytest
 from conftest import BROWSER_TIMEOUT_MS
 from helpers import (
     ARTIFACTS_DIR,
     GRID,
+    PG_PASSWORD,
+    PG_USER,
     REPO,
     TINY,
     TRIAL_ARTIFACTS,
     assert_refused,
     console_env,
+    free_port,
     http_json,
     listening_on,
     load,
+    pg_url,
     run_study,
     serving,
     vae_study,
+    wait_for_health,
     write_spec,
 )
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -253,3 +262,47 @@ def test_make_prints_no_password():
         assert secret not in done.stdout + done.stderr, target
         if target == "help":
             assert "STORAGE=postgresql://u:***@127.0.0.1:1/optuna" in done.stdout
+
+
+def test_make_ui_keeps_a_postgresql_password_off_every_command_line(postgres, tmp_path):
+    """`TRACKING_URI=postgresql://... make ui`: the MLflow server it starts reads the store,
+    and no process on the machine (make, the runner, the server, its workers) has the password
+    in its command line, nor does anything it prints."""
+    port, log_path = free_port(), tmp_path / "ui.log"
+    env = {**os.environ, "TRACKING_URI": pg_url(postgres, "mlflow"), "PORT": str(port)}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["make", "-C", str(REPO), "ui"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, proc, log_path, "/health")
+        found = http_json(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+        assert "experiments" in found  # the server reached the PostgreSQL store
+        server = psutil.Process(proc.pid).children(recursive=True)
+        assert server, "make ui started no process"
+        leaks = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(PG_PASSWORD in arg for arg in p.info["cmdline"] or ()):
+                leaks.append((p.info["pid"], p.info["cmdline"]))
+        assert not leaks
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    shown = log_path.read_text()
+    assert PG_PASSWORD not in shown and f"{PG_USER}:***@127.0.0.1:{postgres}/mlflow" in shown
+
+
+def test_make_system_names_missing_packages_in_one_line_where_it_cannot_install(tmp_path):
+    """A user who cannot install packages (not root) gets one line from `make test`'s first
+    step naming what is missing and the command, exit status 2, and nothing else runs."""
+    demote = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if os.geteuid() == 0 else []
+    done = subprocess.run([*demote, "make", "-C", str(REPO), "system", "CHROMIUM=no-such-chromium"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert "chromium" in lines[0] and "apt-get install -y chromium" in lines[0]
+    assert "installing" not in done.stdout
