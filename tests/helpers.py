@@ -46,6 +46,15 @@ step_log_every = 2
 
 GRID = 'sampler = "grid"\n'
 
+
+def interruptible_spec(betas: list[float], **fixed) -> str:
+    """A grid over beta on 3,000 images whose trials last long enough to be interrupted;
+    `fixed` adds to (or overrides) its [fixed] table."""
+    table = {"train_subset": 3000, "val_size": 300, "test_subset": 200, "batch_size": 100,
+             "test_iw_k": 5, "latent_dim": 4, **fixed}
+    lines = [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+    return "\n".join([GRID.strip(), "[space]", f"beta = {json.dumps(betas)}", "[fixed]", *lines])
+
 TARGET_ACCURACY = {"mnist": 0.98, "fashion": 0.88}
 """What each dataset's classifier behind the Frechet distance reaches on its test split."""
 

@@ -22,6 +22,7 @@ from helpers import (
     GRID,
     TINY,
     integrity,
+    interruptible_spec,
     load,
     paused,
     read_rows,
@@ -47,19 +48,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
 
 # Four points; the kill lands inside the second or a later one (see the test), which need
 # only outlast one 50 ms poll.
-CRASH_SPEC = """
-sampler = "grid"
-[space]
-beta = [0.5, 1.0, 2.0, 4.0]
-[fixed]
-train_subset = 3000
-val_size = 300
-test_subset = 200
-batch_size = 100
-test_iw_k = 5
-latent_dim = 4
-epochs = 3
-"""
+CRASH_SPEC = interruptible_spec([0.5, 1.0, 2.0, 4.0], epochs=3)
 CRASH_BETAS = [0.5, 1.0, 2.0, 4.0]
 
 

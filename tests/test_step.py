@@ -194,6 +194,28 @@ def test_compiled_step_trains_like_the_eager_one(tiny_config):
     assert compiled.step_fn.compiled is not None  # no fallback happened
 
 
+def _lockstep_then_free(config, eager, compiled, parts) -> dict:
+    """Two epochs in lockstep from the same state, then two trained freely from it again: the
+    `parts` of the two states within Adam's bound on the steps, the step counts exact. The
+    compiled trainer's state."""
+    start = eager.state_dict()
+    _Lockstep(eager, compiled).run(epochs=2)
+    for trainer in (eager, compiled):
+        trainer.load_state_dict(start)
+        for _ in range(2):
+            trainer.run_epoch()
+    assert compiled.step_fn.compiled is not None  # no fallback happened
+    a, b = eager.state_dict(), compiled.state_dict()
+    for part in parts:
+        bound = _drift_bound(config, start[part], 2, eager.steps_per_epoch)
+        for name, value in a[part].items():
+            assert ((b[part][name] - value).abs() <= bound[name]).all(), name
+    for state_a, state_b in zip(a["optimizer"]["state"].values(),
+                                b["optimizer"]["state"].values(), strict=True):
+        assert float(state_b["step"]) == float(state_a["step"]) == 2 * eager.steps_per_epoch
+    return b
+
+
 def test_the_compiled_whole_step_is_torch_adam(tiny_config):
     """The compiled step (torch.func gradient and Adam written out, one graph) updates the
     weights, a learned likelihood parameter and the optimizer's own state as eager autograd
@@ -205,24 +227,9 @@ def test_the_compiled_whole_step_is_torch_adam(tiny_config):
                                  iw_samples=3, adam_betas=(0.99, 0.999), adam_eps=1e-4,
                                  lr_schedule="burda")
     eager, compiled = Trainer(config), Trainer(config.replace(compile=True))
-    start = eager.state_dict()
-    _Lockstep(eager, compiled).run(epochs=2)
-
-    for trainer in (eager, compiled):
-        trainer.load_state_dict(start)
-        for _ in range(2):
-            trainer.run_epoch()
-    assert compiled.step_fn.compiled is not None  # no fallback happened
-    a, b = eager.state_dict(), compiled.state_dict()
+    b = _lockstep_then_free(config, eager, compiled, parts=("model", "likelihood"))
     assert set(b["likelihood"]) == {"log_sigma"}
     steps = 2 * eager.steps_per_epoch
-    for part in ("model", "likelihood"):
-        bound = _drift_bound(config, start[part], 2, eager.steps_per_epoch)
-        for name, value in a[part].items():
-            assert ((b[part][name] - value).abs() <= bound[name]).all(), name
-    for state_a, state_b in zip(a["optimizer"]["state"].values(),
-                                b["optimizer"]["state"].values(), strict=True):
-        assert float(state_b["step"]) == float(state_a["step"]) == steps
 
     resumed = Trainer(config)
     resumed.load_state_dict(b)  # a compiled run's state goes on eagerly, from step `steps`
@@ -256,19 +263,4 @@ def test_the_compiled_whole_step_is_burda_adam(tiny_config):
                                  optimizer="adam_burda", init="glorot")
     eager, compiled = Trainer(config), Trainer(config.replace(compile=True))
     assert isinstance(eager.optimizer, BurdaAdam)
-    start = eager.state_dict()
-    _Lockstep(eager, compiled).run(epochs=2)
-
-    for trainer in (eager, compiled):
-        trainer.load_state_dict(start)
-        for _ in range(2):
-            trainer.run_epoch()
-    assert compiled.step_fn.compiled is not None
-    a, b = eager.state_dict(), compiled.state_dict()
-    steps = 2 * eager.steps_per_epoch
-    bound = _drift_bound(config, start["model"], 2, eager.steps_per_epoch)
-    for name, value in a["model"].items():
-        assert ((b["model"][name] - value).abs() <= bound[name]).all(), name
-    for state_a, state_b in zip(a["optimizer"]["state"].values(),
-                                b["optimizer"]["state"].values(), strict=True):
-        assert float(state_b["step"]) == float(state_a["step"]) == steps
+    _lockstep_then_free(config, eager, compiled, parts=("model",))

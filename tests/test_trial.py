@@ -16,6 +16,7 @@ import pytest
 from helpers import (
     DEADLINE_S,
     finish,
+    interruptible_spec,
     paused,
     read_rows,
     run_args,
@@ -29,22 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * DEADLINE_S)]
 # One point, a checkpoint at every epoch end; dynamic binarization and the learning-rate
 # stages of Burda et al. (1 + 3 + 9 epochs) both cross the interruption.
 EPOCHS = 12
-SPEC = f"""
-sampler = "grid"
-[space]
-beta = [1.0]
-[fixed]
-train_subset = 3000
-val_size = 300
-test_subset = 200
-batch_size = 100
-test_iw_k = 5
-latent_dim = 4
-binarize = "dynamic"
-lr_schedule = "burda"
-epochs = {EPOCHS}
-checkpoint_minutes = 0
-"""
+SPEC = interruptible_spec([1.0], binarize="dynamic", lr_schedule="burda", epochs=EPOCHS,
+                          checkpoint_minutes=0)
 
 
 def start(folder: Path, log_name: str, data_root: Path):
