@@ -186,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "else the project's mlruns/mlflow.db)")
     one.add_argument("--experiment", default=EXPERIMENT, help=f"default {EXPERIMENT}")
     one.set_defaults(func=cmd_train)
+    add_run_parser(sub)
+    add_server_parsers(sub)
+    return parser
 
+
+def add_run_parser(sub) -> None:
     run = sub.add_parser("run", help="run the default suite (or --study NAME) for a profile",
                          description="Run every study of the default suite (or --study NAME) "
                                      "for --profile; resumes, never redoes a finished trial.")
@@ -216,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "resumes them")
     run.set_defaults(func=cmd_run)
 
+
+def add_server_parsers(sub) -> None:
+    """`list`, `ui` and `dashboard`."""
     lst = sub.add_parser("list", help="list the studies of the suite and their sizes",
                          description="Print each study's sampler, space and trial budget.")
     lst.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)}")
@@ -223,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=cmd_list)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the tracking store",
-                        description="exec `mlflow server` with --backend-store-uri and the "
-                                    "artifact folder of the store.")
+                        description="exec `mlflow server` over the store (its URI passed in "
+                                    "the environment) and the store's artifact folder.")
     ui.add_argument("--tracking-uri", help="default sqlite:///<repo>/mlruns/mlflow.db")
     ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback)")
     ui.add_argument("--port", type=int, default=5000, help="default 5000")
@@ -236,7 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback)")
     dash.add_argument("--port", type=int, default=8080, help="default 8080")
     dash.set_defaults(func=cmd_dashboard)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
