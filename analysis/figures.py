@@ -267,7 +267,7 @@ def sigma_over_training(hist: pd.DataFrame, datasets, colours: dict) -> Figure:
                 if not sub.empty:
                     sns.lineplot(data=sub, x="step", y="value", hue="likelihood",
                                  hue_order=[h for h in likelihoods if h in set(sub["likelihood"])],
-                                 palette=colours, errorbar=t_interval, marker="o", ms=4, ax=ax)
+                                 palette=colours, errorbar=t_interval, marker="o", ax=ax)
                     ax.set_yscale("log")
                     ax.legend(fontsize="small", title=None)
                 ax.set(title=f"{name}, β = {beta:g}", xlabel="epoch", ylabel="σ")
@@ -294,7 +294,7 @@ def curves_by_beta(hist: pd.DataFrame, panels: list[tuple], datasets) -> Figure:
                 else:
                     sns.lineplot(data=sub, x="step", y="value", hue="beta_label",
                                  hue_order=[lv for lv in levels if lv in set(sub["beta_label"])],
-                                 palette=colours, errorbar=t_interval, marker="o", ms=4, ax=ax)
+                                 palette=colours, errorbar=t_interval, marker="o", ax=ax)
                     ax.legend(fontsize="small", title=None)
                     epoch_axis(ax, sub["step"])
                 ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
@@ -337,7 +337,7 @@ def active_units(hist: pd.DataFrame, finals: pd.DataFrame, datasets) -> Figure:
             sub = hist[hist["dataset"] == name]
             if not sub.empty:
                 sns.lineplot(data=sub, x="step", y="value", hue="beta_label", palette=colours,
-                             errorbar=t_interval, marker="o", ms=4, ax=axes[i, 0])
+                             errorbar=t_interval, marker="o", ax=axes[i, 0])
             axes[i, 0].set(title=f"{name}: active units over training", xlabel="epoch",
                            ylabel="active units")
             epoch_axis(axes[i, 0], sub["step"])
