@@ -138,12 +138,15 @@ def unsettled_reasons(runs: pd.DataFrame) -> list[str]:
     return out
 
 
-def rules_text() -> str:
-    """The thresholds as the reports state them."""
+def rules_text(then: str = "") -> str:
+    """The thresholds as the reports state them, `then` (what the report does with them),
+    and their plain reading."""
     return (f"Convergence: a run is settled when under {100 * NELBO_SHARE_SETTLED:g}% of its "
             f"validation NELBO's fall since epoch 1 came in its last tenth of epochs (a curve "
             f"still falling at a constant pace puts about 10% there) and, for a Gaussian with a "
             f"learned or calibrated σ, log σ moved by at most {LOG_SIGMA_SETTLED:g} (1% of σ) "
             f"over those epochs; still moving otherwise; a run of one epoch has no trend to "
             f"read (cannot tell). A cell (the seeds of one setting) is settled when all its "
-            f"runs are, still moving when any is.")
+            f"runs are, still moving when any is.{then} In plain words: a run is settled when its "
+            f"loss had nearly stopped falling by the end of training. A run still improving "
+            f"could change its ranking with more epochs, so results resting on it are flagged.")

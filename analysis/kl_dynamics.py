@@ -205,8 +205,9 @@ def design_section(runs: pd.DataFrame, base: pd.DataFrame, ref: dict[str, int],
         + ", ".join(f"{ref[d]} on {tables.dataset_label(d)}" for d in tables.ordered_datasets(ref))
         + " (the one run most often)."), Text(budgets.profile_text(runs)),
         Text(ladder.budget_sentence(runs, ladder_result)),
-        Text(convergence.rules_text() + " Every table below flags its cells; sentences about "
-             "runs that had not settled say what cannot be told instead of reading a trend.")])
+        Text(convergence.rules_text(" Every table below flags its cells; sentences about "
+                                    "runs that had not settled say what cannot be told "
+                                    "instead of reading a trend."))])
 
 
 def _ladder_labels(cells: pd.DataFrame) -> pd.DataFrame:

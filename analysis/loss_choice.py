@@ -103,9 +103,9 @@ def design_section(ctx: Context, notes: list[str], runs: pd.DataFrame,
     section = Section("Design and budget", [Text(n) for n in notes])
     section.blocks.append(Text(budgets.profile_text(runs)))
     section.blocks.append(Text(ladder.budget_sentence(runs, ladder_result)))
-    section.blocks.append(Text(convergence.rules_text() + " Every table below has a column "
-                               "flagging its cells, and every verdict names the cells it rests "
-                               "on that had not settled."))
+    section.blocks.append(Text(convergence.rules_text(
+        " Every table below has a column flagging its cells, and every verdict names the cells "
+        "it rests on that had not settled.")))
     return section
 
 

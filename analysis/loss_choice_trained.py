@@ -226,7 +226,7 @@ def images_section(ev: Evidence) -> Section:
         "reconstructions", "Reconstructions by likelihood",
         "The reconstruction-grid artifact of one run per dataset and likelihood (β closest "
         "to 1, lowest seed), as the run logged it: test images and their reconstructions.",
-        figures.to_png(figures.image_grid(recons)), links))
+        figures.to_png(figures.image_grid(recons, ("original", "reconstruction"))), links))
     section.blocks.append(Figure(
         "samples", "Samples by likelihood, side by side",
         "The sample-grid artifact of the same runs: decoded means of z drawn from the "

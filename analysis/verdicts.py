@@ -364,6 +364,10 @@ def per_beta_sentence(by_beta: list[ClaimVerdict]) -> str:
     return text
 
 
+PLAIN = "In plain words: "
+"""Opens the reading of a rule for a student, after its formal statement."""
+
+
 def rules_text() -> list[str]:
     """The rules as the report states them, with this module's constants."""
     return [
@@ -371,26 +375,51 @@ def rules_text() -> list[str]:
         f"latent_dim and budget (epochs); with at least {MIN_PAIRS} pairs a two-sided paired "
         f"t-test at α = {ALPHA} decides whether the metric favours the claim, goes against it, "
         f"or shows no difference (the Wilcoxon signed-rank p and Cohen's d_z are reported "
-        f"alongside); fewer pairs: insufficient data.",
+        f"alongside); fewer pairs: insufficient data. " + PLAIN + "Each pair is one training of "
+        "each likelihood under the same settings, so their difference shows the effect of the "
+        "likelihood alone, and the t-test asks whether the average difference is larger than "
+        "the seed-to-seed noise would make it by chance. 'Favours' or 'goes against' means it "
+        "is; 'no difference' means the seeds disagree too much to tell, not that the two "
+        "likelihoods are proven equal.",
+        "The Wilcoxon signed-rank test: the same pairs, tested on the ranks of their "
+        "differences instead of their values (two-sided; reported, it does not decide). "
+        + PLAIN + "It asks the t-test's question without letting one odd seed dominate, since "
+        "only the order of the differences counts. Where its p and the t-test's disagree, the "
+        "verdict rests on a few large differences and deserves less trust.",
+        "Cohen's d_z: the mean of the paired differences divided by their standard deviation. "
+        + PLAIN + "It says how large the difference is compared with how much it varies from "
+        "seed to seed, whatever the metric's unit. About 0.2 is small and 0.8 or more large, "
+        "so a small p with a small d_z is a real but slight difference.",
         "A comparison: supports when more than half of the tested metrics favour the claim "
         "and none goes against it; contradicts when more than half go against it and none "
-        "favours it; insufficient data when no metric could be tested; mixed otherwise.",
+        "favours it; insufficient data when no metric could be tested; mixed otherwise. "
+        + PLAIN + "Each metric votes for or against the claim, or abstains; the claim is "
+        "supported only when most votes are for it and none against. Votes on both sides make "
+        "it mixed: each likelihood wins on something.",
         "The claim: the comparison with the rival as people write it (Gaussian with fixed "
         "σ² = ½, i.e. plain SSE) decides; when the calibrated comparison (the σ-VAE's Gaussian, "
         "one shared σ set in closed form to the batch MSE) was run and reaches a different "
         "verdict, the claim is mixed. The Gaussian whose σ is learned by Adam is compared the "
-        "same way and reported beside it, outside this rule.",
+        "same way and reported beside it, outside this rule. " + PLAIN + "The claim is judged "
+        "against the Gaussian as most code writes it, plain squared error; if the fairer, "
+        "calibrated Gaussian tells a different story, the verdict is mixed. The Gaussian "
+        "with a learned σ is shown for comparison and does not change the verdict.",
         "Per β and pooled: each verdict is computed on the pairs at each β alone and on all "
         "pairs pooled over β. The pooled verdict is the headline; the per-β verdicts stand "
         "beside it, so the pairs at one β cannot outvote those at another unseen. At a single "
-        "β the SSE at matched rate has no curve to interpolate and is left out.",
+        "β the SSE at matched rate has no curve to interpolate and is left out. " + PLAIN +
+        "The headline uses all pairs at once and the per-β verdicts repeat the test at each β "
+        "alone. When they disagree, the answer depends on β, and the per-β ones are the ones "
+        "to read.",
         "Metrics: " + "; ".join(
             f"{m.label} ({'lower' if m.lower_is_better else 'higher'} is better)"
             for m in METRICS) + f"; and {MATCHED_RATE.label}: for each seed, the SSE of each "
         "likelihood's rate-distortion curve across β, interpolated linearly in the rate "
         "(test KL) and averaged over the rates both curves reach, paired over seeds (this "
         "compares the likelihoods at equal KL instead of equal β). Metrics the runs did not "
-        "log are left out of the count.",
-        convergence.rules_text() + " A verdict names the cells it rests on that had not "
-        "settled.",
+        "log are left out of the count. " + PLAIN + "β trades reconstruction error against "
+        "how much information the code carries (the rate), so at the same β two likelihoods "
+        "may carry different amounts; the SSE at matched rate compares their errors at the "
+        "same amount instead. The lower one reconstructs better for the same information.",
+        convergence.rules_text(" A verdict names the cells it rests on that had not settled."),
     ]

@@ -20,6 +20,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torchvision.datasets import FashionMNIST
 from torchvision.utils import make_grid
 
 KL_COLOUR_RANGE = (0.01, 100.0)
@@ -27,31 +29,53 @@ KL_COLOUR_RANGE = (0.01, 100.0)
 trial, so heatmaps compare by eye across runs; its floor is a tenth of the reports' collapse
 threshold (0.1 nats), as in the KL dynamics report, and values beyond it take the end colours
 (the colour bar's triangles)."""
+RECON_ROWS = ("original", "reconstruction")
+"""The reconstruction grid's rows, top to bottom, written left of them."""
+LABEL_WIDTH_PX = 110
+ROWS_KEY = "rows"
+"""PNG text key naming an image's rows: the reports (analysis.figures.ROWS_KEY, which may
+not import this torch module) then do not name them a second time."""
 PCA_EXTENT = 5.0
 """The projection's axes span +-PCA_EXTENT standard deviations of PC 1; points beyond are
 drawn on the border."""
 
 
-def write_png(pixels, path: Path) -> None:
+def write_png(pixels, path: Path, rows=()) -> None:
     """An (H, W, 3 or 4) uint8 array as PNG at zlib level 1: faster than PIL's default level
-    6 and no larger for flat-coloured figures."""
+    6 and no larger for flat-coloured figures. `rows`: the row names the image shows, noted
+    in its PNG text so that the reports do not write them a second time."""
+    info = PngInfo()
+    if rows:
+        info.add_text(ROWS_KEY, ";".join(rows))
+    Image.fromarray(np.asarray(pixels)).save(path, format="png", compress_level=1, pnginfo=info)
 
-    Image.fromarray(np.asarray(pixels)).save(path, format="png", compress_level=1)
+
+def grid_pixels(batch: torch.Tensor, nrow: int) -> np.ndarray:
+    """Images in [0, 1] as one (H, W, 3) uint8 grid, as torchvision's save_image lays it out."""
+    grid = make_grid(batch.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    return grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
 
 
 def save_grid(batch: torch.Tensor, nrow: int, path: Path) -> None:
-    """Images in [0, 1] as one PNG grid: torchvision's save_image, written at zlib level 1."""
-
-    grid = make_grid(batch.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
-    write_png(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy(),
-              path)
+    """Images in [0, 1] as one PNG grid, written at zlib level 1."""
+    write_png(grid_pixels(batch, nrow), path)
 
 
-def recon_grid(model, likelihood, x: torch.Tensor, path: Path) -> None:
-    """Test images (top row) above their mean reconstructions (bottom row)."""
-    mu, _ = model.encode(x)
-    recon = likelihood.mean(model.decode(mu))
-    save_grid(torch.cat([x, recon]), len(x), path)
+def row_labels(names, height: int) -> np.ndarray:
+    """(height, LABEL_WIDTH_PX, 3) uint8: `names` right-aligned, each centred on its equal
+    band of the rows, black on white."""
+    dpi = 100
+    fig = Figure(figsize=(LABEL_WIDTH_PX / dpi, height / dpi), dpi=dpi, facecolor="white")
+    for k, name in enumerate(names):
+        fig.text(0.95, 1 - (k + 0.5) / len(names), name, ha="right", va="center", fontsize=9)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+
+
+def class_names(dataset: str) -> list[str]:
+    """The ten class names of a dataset: Fashion-MNIST's (torchvision's), else the digits."""
+    return list(FashionMNIST.classes) if dataset == "fashion" else [str(k) for k in range(10)]
 
 
 def sample_grid(model, likelihood, n: int, seed: int, path: Path) -> None:
@@ -128,7 +152,17 @@ class TrialFigures:
 
     def __init__(self):
         self.heatmaps: dict[tuple[float, float], tuple] = {}  # figure size (in) -> figure
-        self.projection: tuple | None = None
+        self.projections: dict[tuple[str, ...], tuple] = {}  # class names -> figure
+        self.labels: dict[int, np.ndarray] = {}  # grid height (px) -> row-label strip
+
+    def reconstructions(self, model, likelihood, x: torch.Tensor, path: Path) -> None:
+        """Test images (top row) above their mean reconstructions (bottom row), the rows
+        named on the left (a strip drawn once per grid height)."""
+        mu, _ = model.encode(x)
+        grid = grid_pixels(torch.cat([x, likelihood.mean(model.decode(mu))]), len(x))
+        if grid.shape[0] not in self.labels:
+            self.labels[grid.shape[0]] = row_labels(RECON_ROWS, grid.shape[0])
+        write_png(np.concatenate([self.labels[grid.shape[0]], grid], axis=1), path, RECON_ROWS)
 
     def heatmap(self, values, path: Path) -> None:
         """`values` (dims, epochs): validation KL per dimension and epoch, nats per image.
@@ -161,27 +195,31 @@ class TrialFigures:
             blitted.use(extent)
         blitted.save(path)
 
-    def scatter(self, coords, labels, explained, path: Path) -> None:
+    def scatter(self, coords, labels, explained, path: Path, names=None) -> None:
         """`coords` (N, 2) in standard deviations of PC 1, coloured by integer `labels` (N,)
-        in 0..9; `explained` the two components' fractions of the variance. One marker line
-        per class: Agg stamps a cached marker, much faster than a scatter collection."""
-
-        if self.projection is None:
+        in 0..9 whose `names` the colour bar shows (digits by default); `explained` the two
+        components' fractions of the variance. One marker line per class: Agg stamps a cached
+        marker, much faster than a scatter collection. One figure per set of names."""
+        names = tuple(names or class_names("mnist"))
+        if names not in self.projections:
             cmap = matplotlib.colormaps["tab10"]
-            fig = Figure(figsize=(5, 4.5), dpi=80)
+            fig = Figure(figsize=(6, 4.5), dpi=80)
             ax = fig.add_subplot()
-            classes = [ax.plot([], [], "o", ms=3, mew=0, color=cmap(k))[0] for k in range(10)]
-            fig.colorbar(ScalarMappable(Normalize(-0.5, 9.5), cmap), ax=ax, ticks=range(10),
-                         label="class")
+            classes = [ax.plot([], [], "o", ms=3, mew=0, color=cmap(k))[0]
+                       for k in range(len(names))]
+            bar = fig.colorbar(ScalarMappable(Normalize(-0.5, len(names) - 0.5), cmap), ax=ax,
+                               ticks=range(len(names)), label="class")
+            bar.set_ticklabels(names)
             ax.set(xlim=(-PCA_EXTENT, PCA_EXTENT), ylim=(-PCA_EXTENT, PCA_EXTENT))
             ax.set_xlabel("PC 1 (100% of the variance)")
             ax.set_ylabel("PC 2 (100%)")
             ax.set_title("test posterior means, PCA (in sd of PC 1)")
-            fig.subplots_adjust(left=0.14, bottom=0.12, right=0.95, top=0.92)
+            # the right margin holds the longest class name (Fashion-MNIST's "T-shirt/top")
+            fig.subplots_adjust(left=0.12, bottom=0.12, right=0.82, top=0.92)
             texts = [ax.xaxis.label, ax.yaxis.label]
-            self.projection = (Blitted(fig, [*classes, *texts, *ax.spines.values()]), classes,
-                               texts)
-        blitted, classes, (xlabel, ylabel) = self.projection
+            self.projections[names] = (Blitted(fig, [*classes, *texts, *ax.spines.values()]),
+                                       classes, texts)
+        blitted, classes, (xlabel, ylabel) = self.projections[names]
         coords = np.clip(coords, -PCA_EXTENT, PCA_EXTENT)
         for k, line in enumerate(classes):
             line.set_data(coords[labels == k, 0], coords[labels == k, 1])
@@ -196,10 +234,11 @@ class TrialFigures:
         values = torch.tensor([[h[k] for h in history] for k in keys])
         self.heatmap(values.numpy(), path)
 
-    def latent_pca(self, means: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+    def latent_pca(self, means: torch.Tensor, labels: torch.Tensor, path: Path,
+                   dataset: str = "mnist") -> None:
         """The test posterior means projected on their first two principal components."""
         coords, explained = pca_coordinates(means)
-        self.scatter(coords.numpy(), labels.numpy(), explained, path)
+        self.scatter(coords.numpy(), labels.numpy(), explained, path, class_names(dataset))
 
     def write(self, result, splits, folder: Path) -> list[str]:
         """The trial's figures into `folder`; returns the file names."""
@@ -209,9 +248,10 @@ class TrialFigures:
         with torch.no_grad():
             x = splits.test.served(epoch=0)
             mu, _ = model.encode(x)
-            recon_grid(model, likelihood, x[:16], folder / "reconstructions.png")
+            self.reconstructions(model, likelihood, x[:16], folder / "reconstructions.png")
             sample_grid(model, likelihood, 64, config.seed, folder / "samples.png")
         model.train()
         self.kl_heatmap(result.history, folder / "kl_per_dimension.png")
-        self.latent_pca(mu.cpu(), splits.test.labels.cpu(), folder / "latent_pca.png")
+        self.latent_pca(mu.cpu(), splits.test.labels.cpu(), folder / "latent_pca.png",
+                        config.dataset)
         return sorted(p.name for p in folder.iterdir())

@@ -29,8 +29,9 @@ from report_runs import (
     log_more_runs,
     parsed,
 )
+from test_figures import assert_readable
 
-from analysis import report, verdicts
+from analysis import figures, report, verdicts
 from analysis.runs import load_runs, run_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,14 +54,23 @@ def store(tmp_path_factory, data_root):
 
 
 @pytest.fixture(scope="session")
-def built(store, tmp_path_factory):
-    """The reports built by the CLI from the miniature studies."""
+def build(store, tmp_path_factory):
+    """The reports built by the CLI from the miniature studies, and the figures they embed."""
     out = tmp_path_factory.mktemp("reports")
-    # 0.1 nats: after two epochs on 1000 images a few dimensions are that quiet already
-    rc = report.main(["--tracking-uri", store[0], "--out", str(out), "--ui-url", UI,
-                      "--collapse-threshold", "0.1"])
+    drawn, to_png = [], figures.to_png
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "to_png", lambda fig: drawn.append(fig) or to_png(fig))
+        # 0.1 nats: after two epochs on 1000 images a few dimensions are that quiet already
+        rc = report.main(["--tracking-uri", store[0], "--out", str(out), "--ui-url", UI,
+                          "--collapse-threshold", "0.1"])
     assert rc == 0
-    return out
+    return out, drawn
+
+
+@pytest.fixture(scope="session")
+def built(build):
+    """The folder of the built reports."""
+    return build[0]
 
 
 PAGES = ("index", "loss_choice", "kl_dynamics")
@@ -93,6 +103,13 @@ def test_every_figure_is_a_non_empty_image(built, page):
         pixels = decoded(base64.b64decode(src.split(",", 1)[1]))
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
         assert pixels[..., :3].std() > 0.01, "a blank figure"
+
+
+def test_every_figure_is_readable_at_its_embedded_size(build):
+    """No text under 8 pt, none cut off, no figure the page has to shrink."""
+    assert len(build[1]) == 14  # the figures of both pages
+    for fig in build[1]:
+        assert_readable(fig)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -136,6 +153,9 @@ def test_sections_are_generated_from_the_numbers(built, store):
         v = verdicts.claim_verdict(runs, claim)
         assert v.verdict in {verdicts.SUPPORTS, verdicts.CONTRADICTS, verdicts.MIXED}
         assert report.md_escape(" ".join(v.sentences())) in text
+    # each rule the verdicts follow is read in plain words right after its formal wording
+    rule = next(ln for ln in text.splitlines() if "The Wilcoxon signed-rank test:" in ln)
+    assert rule.index("Wilcoxon") < rule.index("In plain words: ")
     kl = (built / "kl_dynamics.md").read_text()
     assert re.search(r"MNIST, latent\\_dim 8, β = 16: the validation KL is [\d.]+ nats after epoch 1", kl)
     per_beta = r"MNIST, β = (1|16) \(seed 0\): (\d+ of 8 dimensions had collapsed|none of the 8)"
@@ -223,6 +243,11 @@ def test_partial_store_builds_and_lists_what_is_missing(store, tmp_path):
     assert "make study STUDY=loss_choice" in loss and "no data evidence" in loss
     assert len(parsed(out / "loss_choice.html").images) == 5  # no study run: no data evidence
     assert "Verdicts" in loss  # the trained-model evidence stands on the runs alone
+    # the story first: Missing data closes each page, once
+    mds = [(out / f"{n}.md").read_text() for n in ("kl_dynamics", "loss_choice")]
+    for headings in ([re.findall(r"<h2[^>]*>([^<]+)</h2>", h) for h in (kl, loss, index)]
+                     + [re.findall(r"^## (.+)$", md, flags=re.M) for md in mds]):
+        assert headings[-1] == "Missing data" and headings.count("Missing data") == 1
 
 
 def test_a_build_reads_the_data_evidence_from_the_store_without_torch(store, tmp_path):

@@ -377,3 +377,15 @@ def test_collapse_at_the_largest_cell(status, active, collapse, says):
                     if hasattr(b, "text"))
     assert text.startswith(f"MNIST, β = 4, latent_dim 64: {np.mean(active):.3g}")
     assert says in text
+
+
+@pytest.mark.parametrize("term", ["paired t-test", "Wilcoxon signed-rank", "Cohen's d_z",
+                                  "SSE at matched rate", "A comparison", "The claim",
+                                  "Per β and pooled", "Convergence"])
+def test_each_rule_has_a_plain_reading_after_it(term):
+    """Every rule the reports state carries two plain sentences after its formal wording."""
+    rule = next(r for r in verdicts.rules_text() if term in r)
+    formal, plain = rule.split(verdicts.PLAIN)
+    assert term in formal
+    assert plain.count(". ") + plain.endswith(".") == 2, plain
+    assert all(verdicts.PLAIN in r for r in verdicts.rules_text())
