@@ -219,12 +219,6 @@ def largest_section(cells: pd.DataFrame) -> Section:
         STATUS_COLUMN: cells["flag"]})
     section.blocks.append(Table.from_frame(table, "Active units of the constant-β runs at the "
                                                   "largest β and latent_dim"))
-    section.blocks.append(Text(
-        f"The rule: a cell shows collapse when its mean number of active units across seeds is "
-        f"at least {COLLAPSE_MARGIN:g} below latent_dim. In plain words: the model was given "
-        f"latent_dim dimensions to describe each image, and collapse means it left at least "
-        f"one of them unused on average. How many it leaves unused tells how much of the "
-        f"latent space the KL term has switched off."))
     for r in cells.itertuples():
         head = (f"{tables.dataset_label(r.dataset)}, β = {r.beta:g}, latent_dim {r.latent_dim}: "
                 f"{ci_text(r.active, r.lo, r.hi, 3)} of {r.latent_dim} units active "
@@ -241,6 +235,12 @@ def largest_section(cells: pd.DataFrame) -> Section:
                      f"; the runs had not settled ({r.flag}), so whether collapse appears with "
                      f"longer training cannot be told.")
         section.blocks.append(Text(text))
+    section.blocks.append(Text(
+        f"The rule: a cell shows collapse when its mean number of active units across seeds is "
+        f"at least {COLLAPSE_MARGIN:g} below latent_dim. In plain words: the model was given "
+        f"latent_dim dimensions to describe each image, and collapse means it left at least "
+        f"one of them unused on average. How many it leaves unused tells how much of the "
+        f"latent space the KL term has switched off."))
     return section
 
 
