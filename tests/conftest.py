@@ -201,3 +201,14 @@ def postgres() -> int:
         subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data),
                         "-m", "immediate", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, data_root):
+    """(tracking URI, {study: experiment id}) of the report tests' miniature studies
+    (report_runs.py)."""
+    from report_runs import log_fixture_runs  # report_runs imports this module
+
+    root = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return uri, log_fixture_runs(uri, root / "artifacts", data_root)

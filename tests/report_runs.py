@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sqlite3
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,6 +23,9 @@ from study.train import Callback, train
 
 ARTIFACTS = ARTIFACTS_DIR
 HOSTILE = "<script>alert(1)</script>"
+UI = "http://mlflow.example.test:5000"
+"""The MLflow UI address run links point to in the reports built by the tests."""
+PAGES = ("index", "loss_choice", "kl_dynamics")
 
 
 # --------------------------------------------------------------------------- the runs
@@ -288,3 +292,19 @@ def decoded(png: bytes) -> np.ndarray:
     import matplotlib.image as mpimg
 
     return mpimg.imread(io.BytesIO(png), format="png")
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def copy_store(uri: str, dest: Path) -> Path:
+    """A consistent copy of the SQLite store at `uri` through SQLite's backup API: the stores run
+    in WAL mode, so recent commits may still sit in the -wal file a plain file copy misses."""
+    source = sqlite3.connect(uri[len("sqlite:///"):])
+    target = sqlite3.connect(dest)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    return dest
