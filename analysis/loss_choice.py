@@ -147,7 +147,8 @@ def build(ctx: Context) -> tuple[Report, list[dict]]:
     sections.append(ladder.section(ladder_result, default))
     report = Report(
         "loss_choice", "Loss choice: which likelihood suits which data", summary,
-        tables.provenance(store, [STUDY], extra=[("data evidence", ctx.data_problem or
-                                                   "official train splits under the data root")]),
+        tables.provenance(store, [STUDY], extra=[("data evidence", ctx.data_problem or (
+            "the official train splits, as the newest loss_choice study run logged them "
+            "(evidence.json)"))]),
         sections, missing)
     return report, verdict_rows
