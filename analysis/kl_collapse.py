@@ -222,7 +222,8 @@ def largest_section(cells: pd.DataFrame) -> Section:
     for r in cells.itertuples():
         head = (f"{tables.dataset_label(r.dataset)}, β = {r.beta:g}, latent_dim {r.latent_dim}: "
                 f"{ci_text(r.active, r.lo, r.hi, 3)} of {r.latent_dim} units active "
-                f"({100 * r.active / r.latent_dim:.0f}%, mean across {r.seeds} seeds)")
+                f"({100 * r.active / r.latent_dim:.0f}%, "
+                + (f"mean across {r.seeds} seeds)" if r.seeds > 1 else "one seed)"))
         settled = r.flag == convergence.SETTLED
         if r.collapse:
             text = (f"{head}: collapse, {r.latent_dim - r.active:.3g} units on average carry no "
