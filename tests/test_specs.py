@@ -60,9 +60,11 @@ def test_loss_choice_is_the_designed_grid(profile):
     d = dims(spec)
     assert spec.sampler == "grid"
     assert set(d["dataset"].choices) == {"mnist", "fashion"}
-    # as people write the loss (BCE, plain SSE) against the calibrated Gaussians
-    assert {"bernoulli", "gaussian", "gaussian_optimal", "gaussian_learned"} \
-        <= set(d["likelihood"].choices)
+    # as people write the loss (BCE, plain SSE) against the calibrated Gaussian; the learned
+    # sigma beside it in the long reference
+    assert {"bernoulli", "gaussian", "gaussian_optimal"} <= set(d["likelihood"].choices)
+    if profile == "full":
+        assert {"gaussian_learned", "continuous_bernoulli"} <= set(d["likelihood"].choices)
     betas = d["beta"].choices
     assert 1.0 in betas and len(betas) >= 2  # a verdict at each beta, and pooled
     assert len(d["seed"].choices) >= 3  # the paired tests' minimum at each beta
