@@ -14,6 +14,12 @@ SATURATION_TOLERANCE = 1.0
 COLLAPSE_MARGIN = 1.0
 """A cell shows collapse when its mean active units (across seeds) are at least this many
 below latent_dim: one whole unit, so rounding and a single borderline unit do not count."""
+COLLAPSE_RULE = (
+    f"The rule: a cell shows collapse when its mean number of active units across seeds is at "
+    f"least {COLLAPSE_MARGIN:g} below latent_dim. In plain words: the model was given latent_dim "
+    "dimensions to describe each image, and collapse means it left at least one of them unused "
+    "on average. How many it leaves unused tells how much of the latent space the KL term has "
+    "switched off.")
 STATUS_COLUMN = "convergence (settled / still moving / cannot tell)"
 
 
@@ -236,12 +242,7 @@ def largest_section(cells: pd.DataFrame) -> Section:
                      f"; the runs had not settled ({r.flag}), so whether collapse appears with "
                      f"longer training cannot be told.")
         section.blocks.append(Text(text))
-    section.blocks.append(Text(
-        f"The rule: a cell shows collapse when its mean number of active units across seeds is "
-        f"at least {COLLAPSE_MARGIN:g} below latent_dim. In plain words: the model was given "
-        f"latent_dim dimensions to describe each image, and collapse means it left at least "
-        f"one of them unused on average. How many it leaves unused tells how much of the "
-        f"latent space the KL term has switched off."))
+    section.blocks.append(Text(COLLAPSE_RULE))
     return section
 
 

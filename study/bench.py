@@ -244,11 +244,10 @@ def default_trial(data_root: str) -> Config:
 
 
 def trials_per_hour(config: Config, jobs: int, trials: int) -> dict:
-    """Trials per hour with `jobs` worker processes of one thread each (jobs = 1: all cores),
-    in the steady state: from the first timed trial's start in any worker to the last one's
-    end, after each worker's start-up (interpreter, imports, data) and one warm-up trial. The
-    start-up with the warm-up trial is reported apart (`startup_seconds`): a study pays it
-    once per worker, not per trial."""
+    """Trials per hour with `jobs` one-thread workers (jobs = 1: all cores), steady state: from
+    the first timed trial's start in any worker to the last one's end, after each worker's
+    start-up (interpreter, imports, data, one warm-up trial), which is reported apart
+    (`startup_seconds`): a study pays it once per worker, not per trial."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs == 1 else 1
     ctx = mp.get_context("spawn")
     t = time.monotonic()

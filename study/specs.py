@@ -74,7 +74,6 @@ SPEC_DIR = Path(__file__).with_name("specs")
 MERGED_TABLES = ("fixed", "space", "variants")  # merged entry by entry; other keys replace
 VARIANT = "variant"
 
-
 # --------------------------------------------------------------------------- dimensions
 
 
