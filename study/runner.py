@@ -1,4 +1,4 @@
-"""The command line: `vae-study {run,list,ui,dashboard}` (also `python -m study.runner`).
+"""The command line: `vae-study {train,run,list,ui,dashboard}` (also `python -m study.runner`).
 
 `run` checks its arguments and stores and hands the suite to `study.suite`; `ui` and
 `dashboard` serve MLflow's UI and optuna-dashboard over the stores. Where each part of a
