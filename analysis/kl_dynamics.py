@@ -253,7 +253,8 @@ def trained_sections(ctx: Context, runs: pd.DataFrame, ladder_result) -> tuple[l
                        tables.make_command(STUDY))
                for d in ("mnist", "fashion") if d not in set(runs["dataset"])]
     if base["latent_dim"].nunique() < 2:
-        missing.append(Missing("kl_dynamics covers a single latent_dim", tables.make_command(STUDY)))
+        missing.append(Missing("kl_dynamics covers a single latent_dim (the full profile "
+                               "compares two)", tables.make_command(STUDY) + " PROFILE=full"))
     sections = [design_section(runs, base, ref, ladder_result)]
     cells = pd.DataFrame(columns=["dataset", "beta", "latent_dim"])
     headline = ""
