@@ -272,7 +272,7 @@ def two_profiles(tmp_path_factory, data_root):
     out = root / "reports"
     result = subprocess.run(
         [sys.executable, "-m", "analysis.report", "--tracking-uri", uri, "--out", str(out),
-         "--data-root", str(root / "no-data"), "--profile", "default"],
+         "--profile", "default"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out

@@ -40,11 +40,11 @@ def smoke(tmp_path_factory, data_root):
 
 
 @pytest.fixture(scope="module")
-def built(smoke, data_root, tmp_path_factory):
+def built(smoke, tmp_path_factory):
     """`python -m analysis.report --profile smoke` over the smoke study's store."""
     out = tmp_path_factory.mktemp("reports")
-    assert report.main(["--tracking-uri", smoke["uri"], "--out", str(out), "--data-root",
-                        str(data_root), "--profile", "smoke"]) == 0
+    assert report.main(["--tracking-uri", smoke["uri"], "--out", str(out),
+                        "--profile", "smoke"]) == 0
     return out
 
 
@@ -132,12 +132,11 @@ def copy_store(smoke, tmp_path) -> str:
     return f"sqlite:///{copy}"
 
 
-def test_a_hostile_tag_is_shown_as_text(smoke, data_root, tmp_path):
+def test_a_hostile_tag_is_shown_as_text(smoke, tmp_path):
     uri = copy_store(smoke, tmp_path)
     MlflowClient(tracking_uri=uri).set_tag(smoke["runs"]["vae"].info.run_id, "machine", HOSTILE)
     out = tmp_path / "reports"
-    assert report.main(["--tracking-uri", uri, "--out", str(out), "--data-root", str(data_root),
-                        "--profile", "smoke"]) == 0
+    assert report.main(["--tracking-uri", uri, "--out", str(out), "--profile", "smoke"]) == 0
     html, md = (out / "reproduction.html").read_text(), (out / "reproduction.md").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script" not in html.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "<script" not in md.lower()
