@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or an argparse error (2)
         return int(exc.code or 0)
+    # a resumed trial downloads its state: no progress bar per file amid the suite's own
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.func(args)
     except UsageError as exc:
