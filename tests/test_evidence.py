@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from analysis.evidence import from_json
-from study.evidence import cost_of_an_error, data_evidence, loss_curves, write_evidence
+from study.evidence import (
+    ERROR,
+    MID_GREY,
+    TARGETS,
+    cost_of_an_error,
+    data_evidence,
+    loss_curves,
+    write_evidence,
+)
 
 
 def test_the_cost_of_an_error_by_hand():
@@ -55,5 +63,6 @@ def test_the_json_a_study_run_logs_reads_back_whole(data_root, tmp_path):
     # the floor lies between 0 (all pixels binary) and D log 2 (all pixels at 0.5)
     assert 0 < mnist.entropy_floor < 784 * math.log(2)
     assert set(ev.curves.columns) == {"target", "prediction", "loss", "value", "gradient"}
-    assert ev.targets == tuple(doc["targets"]) and ev.error == doc["error"]
+    # the constants the study computed with, carried through the JSON to the reports
+    assert ev.targets == TARGETS and ev.error == ERROR and ev.mid_grey == MID_GREY
     assert np.isclose(ev.cost.set_index("target").loc[0.0, "squared_error"], ev.error ** 2)
